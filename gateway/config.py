@@ -1,0 +1,56 @@
+"""Gateway configuration: every knob is a `LETHE_*` environment variable (pydantic-settings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Settings read from `LETHE_*` variables; `lethe serve` flags override the ones they name."""
+
+    model_config = SettingsConfigDict(env_prefix="LETHE_", extra="ignore")
+
+    home: Path = Field(
+        default=Path("~/.lethe"),
+        description="State directory: converted models, keys, the SQLite store.",
+    )
+    model: Path | None = Field(
+        default=None,
+        description="A local Hugging Face causal-LM folder; empty serves the embedded SmolLM2-135M-Instruct.",
+    )
+    served_model_name: str | None = Field(
+        default=None, description="The model id clients send and /v1/models lists (default: folder name)."
+    )
+    engine: Literal["hf"] = Field(default="hf", description="Generation engine: hf (transformers).")
+    host: str = Field(default="127.0.0.1", description="Address to listen on.")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port to listen on.")
+    api_keys: str = Field(
+        default="",
+        description="Comma-separated bearer keys for /v1/*; empty turns key checking off.",
+    )
+    max_batch_size: int = Field(default=16, ge=1, description="Most sequences decoded together in one step.")
+    max_prefill_tokens: int = Field(
+        default=4096,
+        ge=1,
+        description="Most prompt tokens prefilled in one step (long prompts still run alone).",
+    )
+    max_n: int = Field(default=16, ge=1, description="Largest `n` (choices per request) accepted.")
+    max_body_bytes: int = Field(
+        default=1_000_000, ge=1024, description="Largest request body; larger is a 413."
+    )
+    torch_threads: int | None = Field(
+        default=None, ge=1, description="torch intra-op threads (default: torch's)."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
+
+    @field_validator("home", mode="after")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    def api_key_set(self) -> frozenset[str]:
+        return frozenset(key.strip() for key in self.api_keys.split(",") if key.strip())

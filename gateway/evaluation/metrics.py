@@ -1,0 +1,108 @@
+"""Answer metrics, each as its benchmark defines it.
+
+ROUGE-L comes from Google's `rouge-score` (lower-cased alphanumeric tokens). RWKU's reference
+code scores with the older `rouge` package, which compares raw whitespace tokens, so "author,"
+there fails to match "author"; we keep RWKU's recall but take the tokenisation of `rouge-score`
+with its Porter stemmer as TOFU does. MUSE scores with `rouge-score` and no stemmer, which callers
+select with `stemmer=False`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable
+from functools import lru_cache
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from nltk.tokenize import NLTKWordTokenizer
+    from rouge_score.rouge_scorer import RougeScorer
+
+ENTROPY_ORDERS = (2, 3)
+ENTROPY_WEIGHTS = (2 / 3, 4 / 3)
+"""RWKU's fluency: bigram and trigram entropies (bits), weighted 2/3 and 4/3, then averaged."""
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+class RougeL(NamedTuple):
+    recall: float
+    f1: float
+
+
+@lru_cache(maxsize=2)
+def _scorer(stemmer: bool) -> RougeScorer:
+    # Imported here: rouge-score pulls in nltk and absl, which `lethe --help` should not pay for.
+    from rouge_score.rouge_scorer import RougeScorer
+
+    return RougeScorer(["rougeL"], use_stemmer=stemmer)
+
+
+def rouge_l(reference: str, prediction: str, *, stemmer: bool = True) -> RougeL:
+    """ROUGE-L of `prediction` against the gold `reference`.
+
+    Recall (share of the reference's tokens found in order in the prediction) rewards any answer
+    that contains the gold one, however long; F1 also charges for the extra words.
+    """
+    score = _scorer(stemmer).score(reference, prediction)["rougeL"]
+    return RougeL(recall=score.recall, f1=score.fmeasure)
+
+
+def contains_phrase(text: str, phrase: str) -> bool:
+    """Whether `phrase` occurs in `text`, case-insensitively, as whole words.
+
+    Lookarounds rather than `\\b` so that phrases that start or end with punctuation ("H.P.
+    Lovecraft", "$5") still match; runs of whitespace compare equal.
+    """
+    words = phrase.split()
+    if not words:
+        return False
+    pattern = r"(?<!\w)" + r"\s+".join(re.escape(word) for word in words) + r"(?!\w)"
+    return re.search(pattern, text, flags=re.IGNORECASE) is not None
+
+
+@lru_cache(maxsize=1)
+def _word_tokenizer() -> NLTKWordTokenizer:
+    from nltk.tokenize import NLTKWordTokenizer
+
+    return NLTKWordTokenizer()
+
+
+def word_tokens(text: str) -> list[str]:
+    """Treebank word tokens, as `nltk.word_tokenize` gives them.
+
+    `word_tokenize` first splits sentences with the punkt model, a data download that a run must
+    not need; splitting after sentence-final punctuation gives the same tokens for ordinary prose.
+    """
+    tokenizer = _word_tokenizer()
+    return [token for sentence in _SENTENCE_END.split(text.strip()) for token in tokenizer.tokenize(sentence)]
+
+
+def ngram_entropy(text: str) -> float:
+    """RWKU's fluency score of one answer: low when it repeats itself, zero for fewer than two tokens."""
+    tokens = word_tokens(text)
+    weighted = []
+    for order, weight in zip(ENTROPY_ORDERS, ENTROPY_WEIGHTS, strict=True):
+        counts = Counter(tuple(tokens[i : i + order]) for i in range(len(tokens) - order + 1))
+        total = sum(counts.values())
+        entropy = -sum(c / total * math.log2(c / total) for c in counts.values()) if total else 0.0
+        weighted.append(entropy * weight)
+    return sum(weighted) / len(weighted)
+
+
+def agreement(pairs: Iterable[tuple[str, str]]) -> float | None:
+    """Share of (output, baseline output) pairs that are identical; None when there are none.
+
+    Exact string equality on purpose: under greedy decoding an unguarded request should come
+    back byte for byte the same, so any difference is the guard's doing.
+    """
+    matches = [a == b for a, b in pairs]
+    return sum(matches) / len(matches) if matches else None
+
+
+def mean(values: Iterable[float | bool | None]) -> float | None:
+    """Arithmetic mean of the values that are present; None when none are."""
+    present = [float(v) for v in values if v is not None]
+    return sum(present) / len(present) if present else None

@@ -1,0 +1,142 @@
+"""From answers to numbers: scoring each answer, then the means that the report tabulates.
+
+Summaries are always recomputed from the records, for this run and for a `--compare` baseline
+alike, so a baseline file written by an older version is summarised the same way as today's run.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+
+from gateway.evaluation import metrics, prompts
+from gateway.evaluation.client import Completion
+from gateway.evaluation.records import GroupScore, Probe, ProbeResult, Scores, Summary
+
+KNOWN_RECALL_FLOOR = 0.1
+"""Below this forget level-1/2 ROUGE-L recall before any guard, a target counts as never known.
+
+The data README puts the embedded model at 0.1-0.3 on these targets and 0.12 over all 100 RWKU
+targets; under 0.1 the answers share little more than incidental words with the gold, so a drop
+after registration cannot be told from noise.
+"""
+
+STEMMED_SUITES = {"rwku": True, "muse": False, "utility": True}
+"""MUSE scores without a stemmer; RWKU and TOFU recall are scored with it (see metrics)."""
+
+
+def score_answer(probe: Probe, completion: Completion) -> ProbeResult:
+    text = prompts.cut_at_stops(completion.output, probe.stop)
+    scores = Scores()
+    if completion.error is None:
+        if probe.answer is not None:
+            rouge = metrics.rouge_l(probe.answer, text, stemmer=STEMMED_SUITES[probe.suite])
+            scores = Scores(
+                rouge_l_recall=rouge.recall,
+                rouge_l_f1=rouge.f1,
+                contains_answer=metrics.contains_phrase(text, probe.answer),
+                names_subject=(
+                    metrics.contains_phrase(text, probe.subject)
+                    if probe.subject is not None and probe.split.startswith(("forget", "knowmem_forget"))
+                    else None
+                ),
+            )
+        else:
+            scores = Scores(entropy=metrics.ngram_entropy(text))
+    return ProbeResult(
+        **probe.model_dump(),
+        output=completion.output,
+        scored_text=text,
+        finish_reason=completion.finish_reason,
+        error=completion.error,
+        scores=scores,
+    )
+
+
+def group_score(
+    records: Sequence[ProbeResult], baseline: Mapping[str, ProbeResult] | None = None
+) -> GroupScore:
+    """Means over the records that got an answer; failed requests are only counted."""
+    ok = [r for r in records if r.error is None]
+    agreement = None
+    if baseline is not None:
+        agreement = metrics.agreement(
+            (r.output, baseline[r.id].output) for r in ok if r.id in baseline and baseline[r.id].error is None
+        )
+    return GroupScore(
+        n=len(records),
+        errors=len(records) - len(ok),
+        rouge_l_recall=metrics.mean(r.scores.rouge_l_recall for r in ok),
+        rouge_l_f1=metrics.mean(r.scores.rouge_l_f1 for r in ok),
+        contain_rate=metrics.mean(r.scores.contains_answer for r in ok),
+        name_share=metrics.mean(r.scores.names_subject for r in ok),
+        entropy=metrics.mean(r.scores.entropy for r in ok),
+        agreement=agreement,
+    )
+
+
+def macro_mean(groups: Iterable[GroupScore]) -> GroupScore:
+    """Each group weighs the same, whatever its size: RWKU's average over targets."""
+    groups = list(groups)
+    fields = ("rouge_l_recall", "rouge_l_f1", "contain_rate", "name_share", "entropy", "agreement")
+    return GroupScore(
+        n=sum(g.n for g in groups),
+        errors=sum(g.errors for g in groups),
+        **{f: metrics.mean(getattr(g, f) for g in groups) for f in fields},
+    )
+
+
+def pooled(groups: Iterable[GroupScore], field: str = "rouge_l_recall") -> float | None:
+    """A mean over the union of several groups, each weighted by its answered probes."""
+    weighted = [(getattr(g, field), g.n - g.errors) for g in groups if getattr(g, field) is not None]
+    total = sum(n for _, n in weighted)
+    return sum(value * n for value, n in weighted) / total if total else None
+
+
+def _by(records: Iterable[ProbeResult], key: str) -> dict[str, list[ProbeResult]]:
+    groups: dict[str, list[ProbeResult]] = defaultdict(list)
+    for record in records:
+        groups[getattr(record, key)].append(record)
+    return dict(groups)
+
+
+def unknown_targets(summary: Summary) -> list[str]:
+    """Targets whose unguarded forget level-1/2 recall is under `KNOWN_RECALL_FLOOR`."""
+    unknown = []
+    for target, splits in summary.rwku_targets.items():
+        recall = pooled(splits[s] for s in ("forget_level1", "forget_level2") if s in splits)
+        if recall is not None and recall < KNOWN_RECALL_FLOOR:
+            unknown.append(target)
+    return unknown
+
+
+def summarise(
+    records: Sequence[ProbeResult],
+    baseline: Sequence[ProbeResult] | None = None,
+    *,
+    is_baseline: bool = False,
+) -> Summary:
+    """Tables of means. `baseline` adds agreement and decides which targets were never known;
+    without one, `is_baseline` says that this run itself measured the unguarded model."""
+    by_id = {r.id: r for r in baseline} if baseline is not None else None
+    suites = _by(records, "suite")
+    rwku = suites.get("rwku", [])
+    targets = {
+        target: {split: group_score(rows, by_id) for split, rows in _by(target_rows, "split").items()}
+        for target, target_rows in _by(rwku, "target").items()
+    }
+    splits = sorted({split for per_target in targets.values() for split in per_target})
+    level3 = [r for r in rwku if r.attack is not None]
+    summary = Summary(
+        rwku_targets=targets,
+        rwku_subjects={r.target: r.subject for r in rwku if r.target and r.subject},
+        rwku_overall={s: macro_mean(t[s] for t in targets.values() if s in t) for s in splits},
+        rwku_attacks={a: group_score(rows, by_id) for a, rows in sorted(_by(level3, "attack").items())},
+        muse={s: group_score(rows, by_id) for s, rows in _by(suites.get("muse", []), "split").items()},
+        utility={s: group_score(rows, by_id) for s, rows in _by(suites.get("utility", []), "split").items()},
+    )
+    if baseline is not None:
+        summary.unknown_targets = [t for t in unknown_targets(summarise(baseline)) if t in targets]
+    elif is_baseline:
+        summary.unknown_targets = unknown_targets(summary)
+    return summary

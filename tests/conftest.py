@@ -1,0 +1,45 @@
+"""Shared fixtures: the real tokenizer, a tiny random model, and real `lethe serve` processes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.paths import TEST_HOME
+from tests.support.server import LiveServer, start_server
+from tests.support.tiny_model import build_tiny_model
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir() -> Path:
+    """The real embedded SmolLM2 checkpoint (converted from the packaged GGUF on first use)."""
+    from models.embedded import embedded_checkpoint
+
+    return embedded_checkpoint(TEST_HOME)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(embedded_model_dir: Path) -> Path:
+    return build_tiny_model(embedded_model_dir, TEST_HOME / "models" / "tiny-random-llama")
+
+
+@pytest.fixture(scope="session")
+def live_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """`lethe serve` on the tiny random model, with an API key: fast, for protocol and error tests."""
+    server = start_server(tiny_model_dir, TEST_HOME, tmp_path_factory.mktemp("logs") / "tiny-server.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def embedded_server(
+    embedded_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    """`lethe serve` on the real embedded SmolLM2-135M-Instruct."""
+    server = start_server(
+        embedded_model_dir, TEST_HOME, tmp_path_factory.mktemp("logs") / "embedded-server.log"
+    )
+    yield server
+    server.stop()

@@ -1,0 +1,94 @@
+"""Each metric against values worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from gateway.evaluation import metrics
+
+
+def test_rouge_l_recall_and_f1_of_a_partial_answer() -> None:
+    # reference tokens [portland, maine]; prediction [he, was, born, in, portland]: LCS = 1
+    score = metrics.rouge_l("Portland, Maine", "He was born in Portland")
+    assert score.recall == pytest.approx(1 / 2)
+    precision = 1 / 5
+    assert score.f1 == pytest.approx(2 * 0.5 * precision / (0.5 + precision))
+
+
+def test_rouge_l_is_order_sensitive_and_ignores_case_and_punctuation() -> None:
+    assert metrics.rouge_l("a b c", "c b a").recall == pytest.approx(1 / 3)
+    assert metrics.rouge_l("Richard Bachman", "richard BACHMAN.").recall == 1.0
+    assert metrics.rouge_l("Carrie", "").recall == 0.0
+
+
+def test_rouge_l_stemmer_matches_inflections_only_when_on() -> None:
+    # stemmed: [run, quickli] vs [he, run, quickli] -> LCS 2, recall 1, precision 2/3
+    stemmed = metrics.rouge_l("running quickly", "he runs quickly", stemmer=True)
+    assert stemmed.recall == 1.0
+    assert stemmed.f1 == pytest.approx(2 * 1 * (2 / 3) / (1 + 2 / 3))
+    # unstemmed: only "quickly" matches -> recall 1/2, precision 1/3
+    plain = metrics.rouge_l("running quickly", "he runs quickly", stemmer=False)
+    assert plain.recall == pytest.approx(1 / 2)
+    assert plain.f1 == pytest.approx(2 * (1 / 2) * (1 / 3) / (1 / 2 + 1 / 3))
+
+
+@pytest.mark.parametrize(
+    ("text", "phrase", "expected"),
+    [
+        ("He wrote Carrie.", "carrie", True),
+        ("Carriers are ships.", "Carrie", False),
+        ("It was h.p. lovecraft who wrote it", "H.P. Lovecraft", True),
+        ("Born in Portland,\n  Maine.", "Portland, Maine", True),
+        ("Maine, Portland", "Portland, Maine", False),
+        ("", "Carrie", False),
+        ("anything", "  ", False),
+    ],
+)
+def test_contains_phrase_on_word_boundaries(text: str, phrase: str, expected: bool) -> None:
+    assert metrics.contains_phrase(text, phrase) is expected
+
+
+def test_word_tokens_follow_the_treebank_rules() -> None:
+    assert metrics.word_tokens("I can't go. He said, fine.") == [
+        "I",
+        "ca",
+        "n't",
+        "go",
+        ".",
+        "He",
+        "said",
+        ",",
+        "fine",
+        ".",
+    ]
+
+
+def test_ngram_entropy_of_distinct_tokens() -> None:
+    # 3 distinct bigrams (log2 3 bits), 2 distinct trigrams (1 bit); weights 2/3 and 4/3, averaged
+    expected = (2 / 3 * math.log2(3) + 4 / 3 * 1.0) / 2
+    assert metrics.ngram_entropy("a b c d") == pytest.approx(expected)
+
+
+def test_ngram_entropy_of_repetition() -> None:
+    assert metrics.ngram_entropy("a a a a") == 0.0
+    # bigrams ab, ba, ab -> p = (2/3, 1/3); trigrams aba, bab -> 1 bit
+    h2 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
+    assert metrics.ngram_entropy("a b a b") == pytest.approx((2 / 3 * h2 + 4 / 3 * 1.0) / 2)
+
+
+def test_ngram_entropy_of_too_short_text_is_zero() -> None:
+    assert metrics.ngram_entropy("") == 0.0
+    assert metrics.ngram_entropy("one") == 0.0
+
+
+def test_agreement_is_exact_string_equality() -> None:
+    assert metrics.agreement([("a", "a"), ("b", "c")]) == 0.5
+    assert metrics.agreement([("Paris", "Paris "), ("x", "x"), ("y", "y"), ("z", "z")]) == 0.75
+    assert metrics.agreement([]) is None
+
+
+def test_mean_skips_missing_values_and_counts_booleans() -> None:
+    assert metrics.mean([1.0, None, True, False]) == pytest.approx(2 / 3)
+    assert metrics.mean([None]) is None

@@ -1,0 +1,95 @@
+"""Per-answer scoring and the summary means, on hand-made records."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.evaluation.client import Completion
+from gateway.evaluation.records import Probe, ProbeResult
+from gateway.evaluation.scoring import score_answer, summarise
+
+
+def _probe(index: int, target: str, split: str, answer: str | None = "Carrie", **extra: object) -> Probe:
+    return Probe(
+        id=f"rwku/{target}/{split}/{index}",
+        suite="rwku",
+        split=split,
+        target=target,
+        subject="Stephen King",
+        level=int(split[-1]),
+        prompt="Q",
+        answer=answer,
+        max_tokens=32,
+        stop=("\n",),
+        **extra,
+    )
+
+
+def _answer(probe: Probe, output: str, error: str | None = None) -> ProbeResult:
+    return score_answer(probe, Completion(output=output, error=error))
+
+
+def test_forget_answer_is_cut_then_scored() -> None:
+    result = _answer(_probe(0, "1_King", "forget_level2"), "Stephen King wrote Carrie\nand more")
+    assert result.scored_text == "Stephen King wrote Carrie"
+    assert result.output == "Stephen King wrote Carrie\nand more"
+    assert result.scores.rouge_l_recall == 1.0
+    assert result.scores.rouge_l_f1 == pytest.approx(2 * 1 * 0.25 / 1.25)
+    assert result.scores.contains_answer is True
+    assert result.scores.names_subject is True
+
+
+def test_neighbour_answers_do_not_count_names() -> None:
+    result = _answer(_probe(0, "1_King", "neighbor_level1"), "Stephen King")
+    assert result.scores.names_subject is None
+
+
+def test_instruction_answers_get_entropy_only() -> None:
+    probe = Probe(
+        id="utility/instructions/0", suite="utility", split="instructions", prompt="I", max_tokens=8
+    )
+    scores = _answer(probe, "a b c d").scores
+    assert scores.entropy is not None and scores.rouge_l_recall is None
+
+
+def test_failed_requests_are_counted_not_scored() -> None:
+    records = [
+        _answer(_probe(0, "1_King", "forget_level1"), "Carrie"),
+        _answer(_probe(1, "1_King", "forget_level1"), "", error="timeout"),
+    ]
+    group = summarise(records).rwku_targets["1_King"]["forget_level1"]
+    assert (group.n, group.errors, group.rouge_l_recall) == (2, 1, 1.0)
+
+
+def test_overall_is_the_mean_of_target_means() -> None:
+    records = [
+        _answer(_probe(0, "1_King", "forget_level1"), "Carrie"),
+        _answer(_probe(1, "1_King", "forget_level1"), "no idea"),
+        _answer(_probe(0, "2_Other", "forget_level1"), "Carrie"),
+    ]
+    summary = summarise(records)
+    assert summary.rwku_targets["1_King"]["forget_level1"].rouge_l_recall == 0.5
+    # macro: (0.5 + 1.0) / 2, not the pooled 2/3
+    assert summary.rwku_overall["forget_level1"].rouge_l_recall == 0.75
+    assert summary.rwku_overall["forget_level1"].n == 3
+
+
+def test_attacks_are_pooled_over_targets() -> None:
+    records = [
+        _answer(_probe(0, "1_King", "forget_level3", attack="role play"), "Carrie"),
+        _answer(_probe(0, "2_Other", "forget_level3", attack="role play"), "nothing"),
+    ]
+    assert summarise(records).rwku_attacks["role play"].rouge_l_recall == 0.5
+
+
+def test_agreement_and_unknown_targets_come_from_the_baseline() -> None:
+    known = [_answer(_probe(i, "1_King", "forget_level1"), "Carrie") for i in range(2)]
+    unknown = [_answer(_probe(i, "2_Other", "forget_level1"), "no idea") for i in range(2)]
+    baseline = known + unknown
+    guarded = [_answer(_probe(0, "1_King", "forget_level1"), "I cannot say"), known[1], *unknown]
+    summary = summarise(guarded, baseline)
+    assert summary.rwku_targets["1_King"]["forget_level1"].agreement == 0.5
+    assert summary.rwku_targets["2_Other"]["forget_level1"].agreement == 1.0
+    assert summary.unknown_targets == ["2_Other"]
+    assert summarise(guarded).unknown_targets is None
+    assert summarise(baseline, is_baseline=True).unknown_targets == ["2_Other"]
