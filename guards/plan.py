@@ -18,6 +18,21 @@ class GuardPlan(BaseModel):
     banned_sequences: tuple[tuple[int, ...], ...] = Field(
         default=(), description="Token sequences that must never be completed in the output."
     )
+    forbidden_strings: tuple[str, ...] = Field(
+        default=(), description="Strings that must never appear in the output text, in any case or spacing."
+    )
+    forbidden_words: tuple[str, ...] = Field(
+        default=(), description="Like forbidden_strings, but matched as whole words only."
+    )
+    penalized_tokens: tuple[int, ...] = Field(
+        default=(), description="Tokens close in meaning to the forbidden content (semantic penalty)."
+    )
+    penalty: float = Field(default=0.0, ge=0.0, description="Logit penalty subtracted from penalized_tokens.")
 
     def is_empty(self) -> bool:
-        return not self.banned_sequences
+        return not (
+            self.banned_sequences
+            or self.forbidden_strings
+            or self.forbidden_words
+            or (self.penalized_tokens and self.penalty)
+        )

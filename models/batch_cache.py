@@ -61,6 +61,19 @@ class BatchCache:
         """Mark the token the next forward pass adds to every row as real."""
         self.mask = torch.cat([self.mask, self.mask.new_ones((self.rows, 1))], dim=1)
 
+    def drop_last(self, row: int, count: int) -> None:
+        """Forget a row's newest `count` tokens (a roll-back) by shifting the row right: left padding
+        grows, so the other rows and the shared width are untouched."""
+        if count <= 0:
+            return
+        self.mask[row] = torch.cat([self.mask.new_zeros(count), self.mask[row, :-count]])
+        for layer in self.cache.layers:
+            for tensor in (layer.keys, layer.values):
+                tensor[row] = torch.cat(
+                    [tensor.new_zeros((tensor.shape[1], count, tensor.shape[3])), tensor[row, :, :-count]],
+                    dim=1,
+                )
+
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only `rows` (in that order) and drop columns that became padding everywhere."""
         index = torch.tensor(list(rows), dtype=torch.long)

@@ -55,10 +55,11 @@ class TokenLogprob:
 
 @dataclass(frozen=True)
 class GenerationOutput:
-    """One increment of a sequence: the text that became final and the tokens produced since the last one.
+    """One increment of a sequence: the text that became final and the tokens behind it.
 
-    Text is held back while it could still turn into a stop string or an incomplete UTF-8
-    character, so `text` can be empty while `token_ids` is not.
+    Text is held back while it could still turn into a stop string, a forbidden string or an
+    incomplete UTF-8 character; tokens (and their log-probabilities) are reported once their text
+    is final, so an undone token is never reported.
     """
 
     request_id: str
@@ -68,6 +69,8 @@ class GenerationOutput:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: FinishReason | None = None
+    suppressed_tokens: int = 0
+    """Tokens generated and then undone because they completed a forbidden string (cumulative)."""
 
 
 class EngineError(RuntimeError):

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
 
+from guards.forbidden import ForbiddenMatcher
 from models.batch_cache import BatchCache
 from models.detokenizer import IncrementalDetokenizer
 from models.engine import (
@@ -36,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 Sink = Callable[[GenerationOutput | BaseException], None]
 
+MAX_ROLLBACKS = 64
+"""Undone forbidden matches after which a sequence ends rather than keep searching for a way around."""
+
 
 @dataclass
 class _Sequence:
@@ -44,6 +48,11 @@ class _Sequence:
     sampler: SequenceSampler
     detokenizer: IncrementalDetokenizer
     output_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    reported: int = 0
+    """Leading output tokens already sent to the consumer."""
+    suppressed: int = 0
+    rollbacks: int = 0
     last_token: int = -1
     cancelled: bool = False
     """Set by the consumer when it stops listening; the scheduler drops the row at its next step."""
@@ -145,7 +154,11 @@ class TransformersEngine:
             request=request,
             sink=sink,
             sampler=SequenceSampler(request.sampling, request.plan, sorted(self._eos_ids)),
-            detokenizer=IncrementalDetokenizer(self.tokenizer, request.sampling.stop),
+            detokenizer=IncrementalDetokenizer(
+                self.tokenizer,
+                request.sampling.stop,
+                ForbiddenMatcher(request.plan.forbidden_strings, request.plan.forbidden_words),
+            ),
         )
         self._inbox.put(sequence)
         finished = False
@@ -279,7 +292,7 @@ class TransformersEngine:
         keep: list[int] = []
         for row, sequence in enumerate(self._running):
             try:
-                output = self._advance(sequence, self._logits[row])
+                output = self._advance(row, sequence, self._logits[row])
             except Exception as error:  # a failing rule fails its own request closed, not the batch
                 logger.exception("sampling failed for %s", sequence.request.request_id)
                 sequence.sink(EngineError(f"sampling failed: {error}"))
@@ -290,12 +303,11 @@ class TransformersEngine:
         if len(keep) != len(self._running):
             self._keep_rows(keep)
 
-    def _advance(self, sequence: _Sequence, logits: torch.Tensor) -> GenerationOutput:
+    def _advance(self, row: int, sequence: _Sequence, logits: torch.Tensor) -> GenerationOutput:
         request = sequence.request
         token = sequence.sampler.next_token(sequence.output_ids, logits)
-        logprobs: tuple[TokenLogprob, ...] = ()
         if request.sampling.logprobs is not None:
-            logprobs = (self._logprob(logits, token, request.sampling.logprobs),)
+            sequence.logprobs.append(self._logprob(logits, token, request.sampling.logprobs))
         sequence.output_ids.append(token)
         sequence.last_token = token
         finish: FinishReason | None = None
@@ -303,8 +315,14 @@ class TransformersEngine:
             finish = "stop"
             text = sequence.detokenizer.flush()
         else:
-            text = sequence.detokenizer.push(token)
-            if sequence.detokenizer.stopped:
+            step = sequence.detokenizer.push(token)
+            text = step.text
+            if step.violation is not None:
+                self._undo(row, sequence, step.violation)
+                if sequence.rollbacks > MAX_ROLLBACKS:  # cornered: end with the text known to be clean
+                    finish = "stop"
+                    text = sequence.detokenizer.flush()
+            elif sequence.detokenizer.stopped:
                 finish = "stop"
             elif (
                 len(sequence.output_ids) >= request.sampling.max_tokens
@@ -312,14 +330,34 @@ class TransformersEngine:
             ):
                 finish = "length"
                 text += sequence.detokenizer.flush()
+        final = len(sequence.output_ids) if finish else sequence.detokenizer.final_tokens()
+        start, sequence.reported = sequence.reported, max(sequence.reported, final)
         return GenerationOutput(
             request_id=request.request_id,
             text=text,
-            token_ids=(token,),
-            logprobs=logprobs,
+            token_ids=tuple(sequence.output_ids[start : sequence.reported]),
+            logprobs=tuple(sequence.logprobs[start : sequence.reported]),
             prompt_tokens=len(request.prompt_ids),
             completion_tokens=len(sequence.output_ids),
             finish_reason=finish,
+            suppressed_tokens=sequence.suppressed,
+        )
+
+    def _undo(self, row: int, sequence: _Sequence, first: int) -> None:
+        """Roll a row back to before output token `first`, which began a forbidden string, and ban
+        that token at that position. The KV cache keeps the prompt and the tokens before `first`
+        except the last one, which the next decode step feeds again to get the logits at `first`."""
+        assert self._batch is not None
+        undone = len(sequence.output_ids) - first
+        sequence.sampler.position_bans.ban(first, sequence.output_ids[first])
+        self._batch.drop_last(row, undone)
+        del sequence.output_ids[first:]
+        del sequence.logprobs[first:]
+        sequence.detokenizer.rollback(first)
+        sequence.suppressed += undone
+        sequence.rollbacks += 1
+        sequence.last_token = (
+            sequence.output_ids[-1] if sequence.output_ids else sequence.request.prompt_ids[-1]
         )
 
     @staticmethod

@@ -65,6 +65,39 @@ class GuardPlanRule:
         return logits
 
 
+class SemanticPenalty:
+    """Push down tokens close in meaning to a fired target's content: one indexed subtraction a step."""
+
+    def __init__(self, token_ids: Sequence[int], penalty: float) -> None:
+        self.token_ids = torch.tensor(sorted(set(token_ids)), dtype=torch.long)
+        self.penalty = penalty
+
+    def __call__(self, output_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.clone()
+        logits[self.token_ids] -= self.penalty
+        return logits
+
+
+class PositionBans:
+    """Tokens banned at one output position: where an undone forbidden match started, the token
+    that began it may not be chosen again (otherwise greedy decoding would repeat it forever)."""
+
+    def __init__(self) -> None:
+        self.banned: dict[int, set[int]] = {}
+
+    def ban(self, position: int, token_id: int) -> None:
+        self.banned = {p: tokens for p, tokens in self.banned.items() if p <= position}
+        self.banned.setdefault(position, set()).add(token_id)
+
+    def __call__(self, output_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+        tokens = self.banned.get(len(output_ids))
+        if not tokens:
+            return logits
+        logits = logits.clone()
+        logits[torch.tensor(sorted(tokens), dtype=torch.long)] = -torch.inf
+        return logits
+
+
 class Temperature:
     def __init__(self, temperature: float) -> None:
         self.temperature = temperature
@@ -92,9 +125,12 @@ class SequenceSampler:
     """Everything that turns one row's logits into its next token."""
 
     def __init__(self, sampling: SamplingParams, plan: GuardPlan, eos_token_ids: Sequence[int]) -> None:
-        rules: list[LogitsRule] = []
-        if not plan.is_empty():
+        self.position_bans = PositionBans()
+        rules: list[LogitsRule] = [self.position_bans]
+        if plan.banned_sequences:
             rules.append(GuardPlanRule(plan))
+        if plan.penalized_tokens and plan.penalty:
+            rules.append(SemanticPenalty(plan.penalized_tokens, plan.penalty))
         if sampling.ignore_eos and eos_token_ids:
             rules.append(BanTokens(eos_token_ids))
         if sampling.presence_penalty or sampling.frequency_penalty:
@@ -115,6 +151,8 @@ class SequenceSampler:
     def next_token(self, output_ids: Sequence[int], logits: torch.Tensor) -> int:
         for rule in self.rules:
             logits = rule(output_ids, logits)
+        if not torch.isfinite(logits).any():
+            raise ValueError("every token is banned at this position")
         if self.greedy:
             return int(torch.argmax(logits))
         probs = torch.softmax(logits, dim=-1)

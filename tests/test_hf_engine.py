@@ -185,3 +185,28 @@ def test_leaving_the_stream_cancels_the_sequence(engine: TransformersEngine) -> 
         return engine.load()
 
     assert asyncio.run(run()) == (0, 0)
+
+
+def _text_and_tokens(outputs: list[GenerationOutput]) -> tuple[str, list[int]]:
+    return "".join(o.text for o in outputs), [t for o in outputs for t in o.token_ids]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_forbidden_string_is_undone_not_emitted(engine: TransformersEngine, prompt: str) -> None:
+    """Only the text matcher guards here (no token bans), so each match must be rolled back."""
+    free, _ = _text_and_tokens(
+        asyncio.run(collect(engine.generate(request(engine, prompt, "f", max_tokens=40))))
+    )
+    words = [w for w in free.split() if len(w) >= 3]
+    assert words, free
+    forbidden = words[len(words) // 2].upper()  # case must not matter
+    plan = GuardPlan(target_ids=("t",), forbidden_strings=(forbidden,))
+    outputs = asyncio.run(collect(engine.generate(request(engine, prompt, "g", plan=plan, max_tokens=40))))
+    text, tokens = _text_and_tokens(outputs)
+    assert forbidden.lower() not in text.lower()
+    assert outputs[-1].suppressed_tokens > 0
+    assert engine.tokenizer.decode(tokens, skip_special_tokens=True).startswith(text)
+    assert outputs[-1].completion_tokens == len(tokens)
+    # Before the token where the first match began, the guarded answer is the free one.
+    head = free[: free.lower().index(forbidden.lower())].rstrip()
+    assert text.startswith(head)

@@ -1,0 +1,122 @@
+"""Compiling registered targets into what the engine enforces: forbidden strings, token bans and
+semantic penalties per target, merged into one small plan for the targets a request fires."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from guards.forbidden import banned_token_sequences, spelling_variants
+from guards.key_terms import key_terms
+from guards.plan import GuardPlan
+from guards.targets import Policy, Target
+
+Encode = Callable[[str], list[int]]
+
+
+class GuardConfig(BaseModel):
+    """Knobs of restriction; `lethe eval` measures their effect on the dev data."""
+
+    key_terms: int = Field(default=40, ge=0, description="Most document key terms forbidden per target.")
+    key_term_min_count: int = Field(default=2, ge=1, description="Times a term must recur in the documents.")
+    penalty: float = Field(default=4.0, ge=0.0, description="Logit penalty on semantically close tokens.")
+    penalty_similarity: float = Field(
+        default=0.6, ge=0.0, le=1.0, description="Input-embedding cosine from which a token counts as close."
+    )
+    refusal: str = Field(
+        default="I'm sorry, but I can't help with that request.",
+        description="The answer of the refuse policy.",
+    )
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The model's vocabulary as the semantic penalty sees it."""
+
+    embeddings: np.ndarray
+    """Centred, row-normalised input embeddings [vocab, hidden]."""
+    words: np.ndarray
+    """Boolean [vocab]: the token is a whole word of letters (sub-word pieces and punctuation have
+    embeddings close to everything and must neither anchor nor receive the penalty)."""
+
+    @classmethod
+    def build(cls, embeddings: np.ndarray, token_texts: Sequence[str]) -> Vocabulary:
+        words = np.array([len(t.strip()) >= 4 and t.strip().isalpha() for t in token_texts], dtype=bool)
+        rows = min(len(embeddings), len(words))
+        return cls(embeddings[:rows], words[:rows])
+
+
+@dataclass(frozen=True)
+class CompiledTarget:
+    target_id: str
+    policy: Policy
+    forbidden_strings: tuple[str, ...]
+    forbidden_words: tuple[str, ...]
+    banned_sequences: tuple[tuple[int, ...], ...]
+    penalized_tokens: tuple[int, ...]
+
+
+def _close_tokens(anchor_ids: set[int], vocabulary: Vocabulary | None, threshold: float) -> tuple[int, ...]:
+    """Whole-word tokens whose input embedding is within `threshold` cosine of a whole-word anchor."""
+    if vocabulary is None:
+        return ()
+    anchors = sorted(i for i in anchor_ids if i < len(vocabulary.words) and vocabulary.words[i])
+    if not anchors:
+        return ()
+    similarity = (vocabulary.embeddings[anchors] @ vocabulary.embeddings.T).max(axis=0)
+    return tuple(int(i) for i in np.flatnonzero((similarity >= threshold) & vocabulary.words))
+
+
+def _common_word(term: str, encode: Encode) -> bool:
+    """A one-word term whose lower-case form is a single vocabulary token is an everyday word
+    ("Writing", "American"): forbidding it would cripple answers while hiding nothing specific."""
+    return " " not in term and not term.isdigit() and len(encode(" " + term.lower())) == 1
+
+
+def compile_target(
+    target: Target, encode: Encode, vocabulary: Vocabulary | None, config: GuardConfig
+) -> CompiledTarget:
+    """Everything about one target that does not depend on the request, computed at registration."""
+    strings = tuple(dict.fromkeys([target.name, *target.aliases, *target.forbidden]))
+    registered = {s.casefold() for s in strings}
+    words = tuple(
+        term
+        for term in key_terms(target.documents, config.key_terms, config.key_term_min_count)
+        if term.casefold() not in registered and not _common_word(term, encode)
+    )
+    sequences = banned_token_sequences([*strings, *words], encode)
+    # Anchors are the words of the forbidden texts that are one token each: the first piece of a
+    # longer word (" Step" of " Stephen") is near everything that starts alike.
+    anchors = {
+        tokens[0]
+        for text in (*strings, *words)
+        for word in text.split()
+        if not _common_word(word, encode)
+        for tokens in (encode(v) for v in spelling_variants(word))
+        if len(tokens) == 1
+    }
+    return CompiledTarget(
+        target_id=target.id,
+        policy=target.policy,
+        forbidden_strings=strings,
+        forbidden_words=words,
+        banned_sequences=sequences,
+        penalized_tokens=_close_tokens(anchors, vocabulary, config.penalty_similarity),
+    )
+
+
+def plan_for(fired: Sequence[CompiledTarget], config: GuardConfig) -> GuardPlan:
+    """The union of the fired targets' restrictions (an empty plan when nothing fired)."""
+    if not fired:
+        return GuardPlan()
+    return GuardPlan(
+        target_ids=tuple(t.target_id for t in fired),
+        banned_sequences=tuple(sorted({s for t in fired for s in t.banned_sequences})),
+        forbidden_strings=tuple(dict.fromkeys(s for t in fired for s in t.forbidden_strings)),
+        forbidden_words=tuple(dict.fromkeys(w for t in fired for w in t.forbidden_words)),
+        penalized_tokens=tuple(sorted({i for t in fired for i in t.penalized_tokens})),
+        penalty=config.penalty,
+    )

@@ -1,0 +1,63 @@
+"""Forbidden-string matching on streamed text and the token sequences that spell forbidden strings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from guards.enforcement import banned_next_tokens
+from guards.forbidden import ForbiddenMatcher, Match, banned_token_sequences
+from guards.plan import GuardPlan
+
+
+def test_matches_any_case_and_spacing() -> None:
+    matcher = ForbiddenMatcher(["Stephen King"])
+    assert matcher.search("by STEPHEN   king.") == Match(3, 17, partial=False)
+    assert matcher.search("by Stephen\nKing") == Match(3, 15, partial=False)
+    assert matcher.contains("xstephen kingx")  # strings match inside words too
+
+
+def test_partial_match_at_the_end_is_reported_as_possible() -> None:
+    matcher = ForbiddenMatcher(["Stephen King"])
+    assert matcher.search("written by Steph") == Match(11, 16, partial=True)
+    assert matcher.search("written by Stephen Ki") == Match(11, 21, partial=True)
+    assert matcher.search("written by Stephen Fry") is None
+    assert matcher.search("nothing here") is None
+
+
+def test_words_match_only_as_whole_words() -> None:
+    matcher = ForbiddenMatcher([], ["King"])
+    assert matcher.search("I am thinking") is None
+    assert matcher.search("the king said") == Match(4, 8, partial=False)
+
+
+def test_search_starts_where_asked() -> None:
+    matcher = ForbiddenMatcher(["abc"])
+    assert matcher.search("abc then abc", start=1) == Match(9, 12, partial=False)
+
+
+def test_empty_matcher_is_falsy() -> None:
+    assert not ForbiddenMatcher([" ", ""])
+    assert ForbiddenMatcher([" ", ""]).search("anything") is None
+
+
+@pytest.fixture(scope="module")
+def tokenizer(embedded_model_dir: Path):
+    return AutoTokenizer.from_pretrained(embedded_model_dir)
+
+
+def test_banned_sequences_cover_case_and_leading_space_variants(tokenizer) -> None:
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    sequences = set(banned_token_sequences(["Paris"], encode))
+    for variant in ("Paris", " Paris", " paris", "PARIS", " PARIS"):
+        assert tuple(encode(variant)) in sequences
+    # Banning applies to the token completing a sequence, given what came before it.
+    plan = GuardPlan(banned_sequences=tuple(sequences))
+    stephen = encode(" Stephen King")
+    plan = GuardPlan(banned_sequences=(tuple(stephen),))
+    assert banned_next_tokens(plan, stephen[:-1]) == {stephen[-1]}
+    assert banned_next_tokens(plan, []) == (set() if len(stephen) > 1 else {stephen[-1]})
