@@ -13,6 +13,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import StreamingResponse
 
+from gateway.admin import TargetsChanged, admin
+from gateway.admin_key import load_admin_key
 from gateway.auth import check_api_key
 from gateway.config import Settings
 from gateway.errors import install_error_handlers
@@ -29,6 +31,7 @@ from gateway.protocol import (
 from gateway.serving import ServingContext, check_model
 from gateway.serving_chat import create_chat_completion
 from gateway.serving_completions import create_completion
+from gateway.store import open_store
 from models.engine import Engine
 
 logger = logging.getLogger(__name__)
@@ -111,6 +114,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.admin_key = load_admin_key(settings)
+        app.state.store = open_store(settings)
         serving_engine = engine or build_engine(settings)
         started = time.perf_counter()
         await serving_engine.start()
@@ -127,13 +132,16 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             yield
         finally:
             await serving_engine.shutdown()
+            app.state.store.close()
 
     app = FastAPI(title="Lethe", version="0.1.0", lifespan=lifespan)
     app.state.api_keys = settings.api_key_set()
     app.state.metrics = metrics
+    app.state.on_targets_changed: list[TargetsChanged] = []
     install_error_handlers(app)
     app.include_router(v1)
     app.include_router(ops)
+    app.include_router(admin)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

@@ -46,6 +46,17 @@ class Settings(BaseSettings):
         default=None, ge=1, description="torch intra-op threads (default: torch's)."
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
+    admin_key: str = Field(
+        default="",
+        description="Bearer key for /admin/*; empty: one is generated once into LETHE_HOME/admin.key.",
+    )
+    database: Path | None = Field(
+        default=None,
+        description="SQLite file for targets and the audit trail (default: LETHE_HOME/lethe.db).",
+    )
+    audit_prompts: bool = Field(
+        default=False, description="Keep the prompt in the audit record of a request on which a target fired."
+    )
 
     @field_validator("home", mode="after")
     @classmethod
