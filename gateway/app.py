@@ -142,6 +142,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(v1)
     app.include_router(ops)
     app.include_router(admin)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimit, max_bytes=settings.max_body_bytes, max_admin_bytes=settings.max_admin_body_bytes
+    )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

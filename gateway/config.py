@@ -40,7 +40,12 @@ class Settings(BaseSettings):
     )
     max_n: int = Field(default=16, ge=1, description="Largest `n` (choices per request) accepted.")
     max_body_bytes: int = Field(
-        default=1_000_000, ge=1024, description="Largest request body; larger is a 413."
+        default=1_000_000, ge=1024, description="Largest /v1 request body; larger is a 413."
+    )
+    max_admin_body_bytes: int = Field(
+        default=64_000_000,
+        ge=1024,
+        description="Largest /admin request body (registrations carry documents).",
     )
     torch_threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads (default: torch's)."

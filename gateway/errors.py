@@ -58,7 +58,7 @@ _STATUS_TYPES = {
 def validation_error(exc: RequestValidationError) -> APIError:
     """Translate pydantic's error list into one readable message naming the offending parameter."""
     first = exc.errors()[0]
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "header")]
     param = ".".join(location) or None
     cause = first.get("ctx", {}).get("error")
     if first.get("type") == "json_invalid":

@@ -12,17 +12,20 @@ from gateway.errors import APIError
 class BodySizeLimit:
     """Answer 413 for bodies over `max_bytes`, declared (Content-Length) or streamed (chunked)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, max_admin_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.max_admin_bytes = max_admin_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
+        # Target registrations carry whole documents; user requests do not need that much.
+        limit = self.max_admin_bytes if scope["path"].startswith("/admin/") else self.max_bytes
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._reject(send, limit)
             return
         if declared is not None:  # the server stops reading at the declared length
             await self.app(scope, receive, send)
@@ -36,8 +39,8 @@ class BodySizeLimit:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_bytes:
-                await self._reject(send)
+            if size > limit:
+                await self._reject(send, limit)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -53,9 +56,10 @@ class BodySizeLimit:
 
         await self.app(scope, replay, send)
 
-    async def _reject(self, send: Send) -> None:
+    @staticmethod
+    async def _reject(send: Send, limit: int) -> None:
         error = APIError(
-            413, f"Request body too large: the limit is {self.max_bytes} bytes.", code="request_too_large"
+            413, f"Request body too large: the limit is {limit} bytes.", code="request_too_large"
         )
         body = json.dumps(error.body()).encode()
         await send(

@@ -9,7 +9,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -17,9 +17,12 @@ from starlette.requests import Request
 
 from gateway.config import Settings
 from gateway.errors import APIError
+from gateway.guard_service import GuardService
+from gateway.guarding import GuardTally, guarded_stream, refusal_stream
 from gateway.metrics import Metrics
 from gateway.protocol import Usage
-from guards.plan import GuardPlan
+from gateway.store import AuditRecord, Store
+from guards.index import NOTHING_FIRED, Decision, GuardIndex
 from models.engine import Engine, EngineError, GenerationOutput, GenerationRequest, SamplingParams
 
 T = TypeVar("T")
@@ -34,6 +37,62 @@ class ServingContext:
     metrics: Metrics
     model_name: str
     created: int
+    guard: GuardService | None = None
+    store: Store | None = None
+    background: set[asyncio.Task[Any]] = field(default_factory=set)
+
+
+@dataclass
+class GuardedChoices:
+    """The choices of one prompt and the guard decision they run under."""
+
+    request_id: str
+    prompt: str
+    index: GuardIndex | None
+    decision: Decision
+    requests: list[GenerationRequest]
+    tallies: list[GuardTally]
+
+
+async def guard_decision(ctx: ServingContext, texts: Sequence[str]) -> tuple[GuardIndex | None, Decision]:
+    """Which targets the conversation touches, under the index current at the request's start."""
+    if ctx.guard is None:
+        return None, NOTHING_FIRED
+    index = ctx.guard.index
+    return index, await GuardService.check_conversation(index, texts)
+
+
+def choice_streams(ctx: ServingContext, batch: GuardedChoices) -> list[AsyncIterator[GenerationOutput]]:
+    if batch.decision.refuse:
+        refusal = batch.index.config.refusal if batch.index else ""
+        tokens = len(ctx.engine.encode_text(refusal))
+        for tally in batch.tallies:
+            tally.target_ids, tally.refused = batch.decision.target_ids, True
+        return [refusal_stream(r, refusal, tokens) for r in batch.requests]
+    if batch.index is None:
+        return [ctx.engine.generate(r) for r in batch.requests]
+    return [
+        guarded_stream(ctx.engine, batch.index, r, batch.decision, tally)
+        for r, tally in zip(batch.requests, batch.tallies, strict=True)
+    ]
+
+
+def audit_later(ctx: ServingContext, batch: GuardedChoices) -> None:
+    """Record a request on which targets fired, off the response path (never in the response)."""
+    fired = tuple(dict.fromkeys(t for tally in batch.tallies for t in tally.target_ids))
+    if not fired or ctx.store is None:
+        return
+    record = AuditRecord(
+        kind="request",
+        action="refuse" if any(t.refused for t in batch.tallies) else "steer",
+        target_ids=list(fired),
+        request_id=batch.request_id,
+        suppressed_tokens=sum(t.suppressed_tokens for t in batch.tallies),
+        prompt=batch.prompt,
+    )
+    task = asyncio.create_task(ctx.store.append_audit_async(record))
+    ctx.background.add(task)
+    task.add_done_callback(ctx.background.discard)
 
 
 def new_id(prefix: str) -> str:
@@ -94,30 +153,42 @@ def sampling_params(
     )
 
 
-def choice_requests(
-    base_id: str, prompt_ids: Sequence[int], params: SamplingParams, n: int, plan: GuardPlan
-) -> list[GenerationRequest]:
-    """One engine request per choice; a fixed seed gives each choice its own derived seed."""
-    return [
+async def guarded_choices(
+    ctx: ServingContext,
+    request_id: str,
+    texts: Sequence[str],
+    prompt_ids: Sequence[int],
+    params: SamplingParams,
+    n: int,
+) -> GuardedChoices:
+    """One engine request per choice under the guard decision for `texts`; a fixed seed gives each
+    choice its own derived seed."""
+    index, decision = await guard_decision(ctx, texts)
+    requests = [
         GenerationRequest(
-            f"{base_id}-{index}",
+            f"{request_id}-{choice}",
             tuple(prompt_ids),
-            params if params.seed is None else replace(params, seed=params.seed + index),
-            plan,
+            params if params.seed is None else replace(params, seed=params.seed + choice),
+            decision.plan,
         )
-        for index in range(n)
+        for choice in range(n)
     ]
+    return GuardedChoices(
+        request_id, "\n".join(texts), index, decision, requests, [GuardTally() for _ in requests]
+    )
 
 
 async def merged_outputs(
-    ctx: ServingContext, requests: Sequence[GenerationRequest], route: str, started: float
+    ctx: ServingContext, batches: Sequence[GuardedChoices], route: str, started: float
 ) -> AsyncIterator[tuple[int, GenerationOutput]]:
-    """Interleave the increments of several choices as they come; leaving early aborts all of them."""
+    """Interleave the increments of all choices as they come; leaving early aborts all of them.
+    Choices are numbered across batches in order."""
     queue: asyncio.Queue[tuple[int, GenerationOutput | BaseException | None]] = asyncio.Queue()
+    streams = [stream for batch in batches for stream in choice_streams(ctx, batch)]
 
-    async def pump(index: int, request: GenerationRequest) -> None:
+    async def pump(index: int, stream: AsyncIterator[GenerationOutput]) -> None:
         try:
-            async for output in ctx.engine.generate(request):
+            async for output in stream:
                 await queue.put((index, output))
             await queue.put((index, None))
         except asyncio.CancelledError:
@@ -125,7 +196,7 @@ async def merged_outputs(
         except BaseException as error:
             await queue.put((index, error))
 
-    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
     first = True
     try:
         remaining = len(tasks)
@@ -147,6 +218,8 @@ async def merged_outputs(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for batch in batches:
+            audit_later(ctx, batch)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> Usage:

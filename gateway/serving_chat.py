@@ -22,11 +22,12 @@ from gateway.protocol import (
     now,
 )
 from gateway.serving import (
+    GuardedChoices,
     ServingContext,
     cancel_on_disconnect,
     check_engine,
     check_model,
-    choice_requests,
+    guarded_choices,
     merged_outputs,
     new_id,
     sampling_params,
@@ -34,8 +35,7 @@ from gateway.serving import (
     sse_errors_closed,
     usage,
 )
-from guards.plan import GuardPlan
-from models.engine import Engine, GenerationRequest, TokenLogprob
+from models.engine import Engine, TokenLogprob
 
 ROUTE = "/v1/chat/completions"
 
@@ -54,7 +54,7 @@ def chat_logprobs(engine: Engine, logprobs: tuple[TokenLogprob, ...]) -> list[Ch
     ]
 
 
-def _prepare(ctx: ServingContext, body: ChatCompletionRequest) -> tuple[str, list[GenerationRequest], int]:
+async def _prepare(ctx: ServingContext, body: ChatCompletionRequest) -> GuardedChoices:
     check_model(ctx, body.model)
     check_engine(ctx)
     messages = [
@@ -75,37 +75,32 @@ def _prepare(ctx: ServingContext, body: ChatCompletionRequest) -> tuple[str, lis
         ignore_eos=body.ignore_eos,
         n=body.n,
     )
-    request_id = new_id("chatcmpl")
     ctx.metrics.prompt_tokens.inc(len(prompt_ids))
-    return request_id, choice_requests(request_id, prompt_ids, params, body.n, GuardPlan()), len(prompt_ids)
+    texts = [m["content"] for m in messages]
+    return await guarded_choices(ctx, new_id("chatcmpl"), texts, prompt_ids, params, body.n)
 
 
 async def create_chat_completion(
     ctx: ServingContext, body: ChatCompletionRequest, request: Request
 ) -> ChatCompletionResponse | StreamingResponse:
     started = time.perf_counter()
-    request_id, requests, prompt_tokens = _prepare(ctx, body)
+    batch = await _prepare(ctx, body)
     if body.stream:
-        events = _stream(ctx, body, request_id, requests, prompt_tokens, started)
-        return StreamingResponse(sse_errors_closed(events), media_type="text/event-stream")
-    return await cancel_on_disconnect(
-        request, _complete(ctx, body, request_id, requests, prompt_tokens, started)
-    )
+        return StreamingResponse(
+            sse_errors_closed(_stream(ctx, body, batch, started)), media_type="text/event-stream"
+        )
+    return await cancel_on_disconnect(request, _complete(ctx, body, batch, started))
 
 
 async def _complete(
-    ctx: ServingContext,
-    body: ChatCompletionRequest,
-    request_id: str,
-    requests: list[GenerationRequest],
-    prompt_tokens: int,
-    started: float,
+    ctx: ServingContext, body: ChatCompletionRequest, batch: GuardedChoices, started: float
 ) -> ChatCompletionResponse:
+    requests = batch.requests
     texts = [""] * len(requests)
     logprobs: list[list[ChatTokenLogprob]] = [[] for _ in requests]
     finish = ["stop"] * len(requests)
     completion_tokens = [0] * len(requests)
-    async for index, output in merged_outputs(ctx, requests, ROUTE, started):
+    async for index, output in merged_outputs(ctx, [batch], ROUTE, started):
         texts[index] += output.text
         if body.logprobs:
             logprobs[index].extend(chat_logprobs(ctx.engine, output.logprobs))
@@ -113,7 +108,7 @@ async def _complete(
         if output.finish_reason is not None:
             finish[index] = output.finish_reason
     return ChatCompletionResponse(
-        id=request_id,
+        id=batch.request_id,
         model=ctx.model_name,
         choices=[
             ChatChoice(
@@ -124,18 +119,14 @@ async def _complete(
             )
             for index in range(len(requests))
         ],
-        usage=usage(prompt_tokens, sum(completion_tokens)),
+        usage=usage(len(requests[0].prompt_ids), sum(completion_tokens)),
     )
 
 
 async def _stream(
-    ctx: ServingContext,
-    body: ChatCompletionRequest,
-    request_id: str,
-    requests: list[GenerationRequest],
-    prompt_tokens: int,
-    started: float,
+    ctx: ServingContext, body: ChatCompletionRequest, batch: GuardedChoices, started: float
 ) -> AsyncIterator[str]:
+    request_id, requests = batch.request_id, batch.requests
     created = now()
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -149,7 +140,7 @@ async def _stream(
     for index in range(len(requests)):
         yield chunk([ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
     completion_tokens = [0] * len(requests)
-    async for index, output in merged_outputs(ctx, requests, ROUTE, started):
+    async for index, output in merged_outputs(ctx, [batch], ROUTE, started):
         completion_tokens[index] = output.completion_tokens
         if not output.text and output.finish_reason is None and not body.logprobs:
             continue  # text held back (partial character or possible stop string): nothing to say yet
@@ -171,6 +162,6 @@ async def _stream(
             created=created,
             model=ctx.model_name,
             choices=[],
-            usage=usage(prompt_tokens, sum(completion_tokens)),
+            usage=usage(len(requests[0].prompt_ids), sum(completion_tokens)),
         )
         yield sse(final)

@@ -11,11 +11,12 @@ from starlette.responses import StreamingResponse
 from gateway.errors import APIError
 from gateway.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, now
 from gateway.serving import (
+    GuardedChoices,
     ServingContext,
     cancel_on_disconnect,
     check_engine,
     check_model,
-    choice_requests,
+    guarded_choices,
     merged_outputs,
     new_id,
     sampling_params,
@@ -23,8 +24,7 @@ from gateway.serving import (
     sse_errors_closed,
     usage,
 )
-from guards.plan import GuardPlan
-from models.engine import GenerationOutput, GenerationRequest
+from models.engine import GenerationOutput
 
 ROUTE = "/v1/completions"
 
@@ -59,9 +59,9 @@ class _Choice:
         return increment
 
 
-def _prepare(
+async def _prepare(
     ctx: ServingContext, body: CompletionRequest
-) -> tuple[str, list[GenerationRequest], list[str], int]:
+) -> tuple[str, list[GuardedChoices], list[str], int]:
     check_model(ctx, body.model)
     check_engine(ctx)
     if body.echo and body.logprobs is not None:
@@ -73,7 +73,7 @@ def _prepare(
     except ValueError as error:
         raise APIError(400, str(error), param="prompt") from error
     request_id = new_id("cmpl")
-    requests: list[GenerationRequest] = []
+    batches: list[GuardedChoices] = []
     echoes: list[str] = []
     prompt_tokens = 0
     for number, prompt in enumerate(prompts):
@@ -101,23 +101,25 @@ def _prepare(
             ignore_eos=body.ignore_eos,
             n=body.n,
         )
-        requests += choice_requests(f"{request_id}-{number}", prompt_ids, params, body.n, GuardPlan())
+        batches.append(
+            await guarded_choices(ctx, f"{request_id}-{number}", [echo_text], prompt_ids, params, body.n)
+        )
         echoes += [echo_text if body.echo else ""] * body.n
         prompt_tokens += len(prompt_ids)
     ctx.metrics.prompt_tokens.inc(prompt_tokens)
-    return request_id, requests, echoes, prompt_tokens
+    return request_id, batches, echoes, prompt_tokens
 
 
 async def create_completion(
     ctx: ServingContext, body: CompletionRequest, request: Request
 ) -> CompletionResponse | StreamingResponse:
     started = time.perf_counter()
-    request_id, requests, echoes, prompt_tokens = _prepare(ctx, body)
+    request_id, batches, echoes, prompt_tokens = await _prepare(ctx, body)
     if body.stream:
-        events = _stream(ctx, body, request_id, requests, echoes, prompt_tokens, started)
+        events = _stream(ctx, body, request_id, batches, echoes, prompt_tokens, started)
         return StreamingResponse(sse_errors_closed(events), media_type="text/event-stream")
     return await cancel_on_disconnect(
-        request, _complete(ctx, body, request_id, requests, echoes, prompt_tokens, started)
+        request, _complete(ctx, body, request_id, batches, echoes, prompt_tokens, started)
     )
 
 
@@ -125,13 +127,13 @@ async def _complete(
     ctx: ServingContext,
     body: CompletionRequest,
     request_id: str,
-    requests: list[GenerationRequest],
+    batches: list[GuardedChoices],
     echoes: list[str],
     prompt_tokens: int,
     started: float,
 ) -> CompletionResponse:
     choices = [_Choice(echo, body.logprobs is not None) for echo in echoes]
-    async for index, output in merged_outputs(ctx, requests, ROUTE, started):
+    async for index, output in merged_outputs(ctx, batches, ROUTE, started):
         choices[index].add(ctx, output)
     return CompletionResponse(
         id=request_id,
@@ -153,7 +155,7 @@ async def _stream(
     ctx: ServingContext,
     body: CompletionRequest,
     request_id: str,
-    requests: list[GenerationRequest],
+    batches: list[GuardedChoices],
     echoes: list[str],
     prompt_tokens: int,
     started: float,
@@ -169,7 +171,7 @@ async def _stream(
     for index, echo in enumerate(echoes):
         if echo:
             yield chunk(index, echo, None, None)
-    async for index, output in merged_outputs(ctx, requests, ROUTE, started):
+    async for index, output in merged_outputs(ctx, batches, ROUTE, started):
         increment = choices[index].add(ctx, output)
         if output.text or output.finish_reason is not None or increment is not None:
             yield chunk(index, output.text, increment, output.finish_reason)

@@ -1,0 +1,118 @@
+"""Keeps the serving guard index in step with the store and answers "what must this request obey"."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from gateway.errors import APIError
+from gateway.store import Store
+from guards.compiler import GuardConfig, Vocabulary
+from guards.index import Decision, Detector, GuardIndex
+from guards.targets import Target
+
+logger = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.5
+"""How often a replica checks the store for changes made elsewhere (changes made through this
+replica's admin API take effect at once)."""
+
+
+class GuardFailure(APIError):
+    """Detection failed: the request fails closed rather than being answered unguarded."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(
+            503,
+            f"The request could not be checked ({type(error).__name__}); try again.",
+            type_="server_error",
+            code="guard_unavailable",
+        )
+
+
+class GuardService:
+    def __init__(
+        self,
+        store: Store,
+        encode: Callable[[str], list[int]],
+        decode_token: Callable[[int], str],
+        vocab_size: int,
+        model_path: Path,
+        build_detector: Callable[[Sequence[Target]], Detector],
+        config: GuardConfig,
+    ) -> None:
+        self._store = store
+        self._encode = encode
+        self._decode_token = decode_token
+        self._vocab_size = vocab_size
+        self._model_path = model_path
+        self._build_detector = build_detector
+        self._config = config
+        self._vocabulary: Vocabulary | None = None
+        self._index = GuardIndex(revision=-1, detector=None, config=config)
+        self._lock = asyncio.Lock()
+        self._poller: asyncio.Task[None] | None = None
+
+    @property
+    def index(self) -> GuardIndex:
+        return self._index
+
+    async def start(self) -> None:
+        await self.reload()
+        self._poller = asyncio.create_task(self._poll())
+
+    async def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+
+    async def reload(self) -> None:
+        """Rebuild the index if the store moved on; requests keep using the old one meanwhile."""
+        async with self._lock:
+            snapshot = await asyncio.to_thread(self._store.snapshot)
+            if snapshot.revision == self._index.revision:
+                return
+            index = await asyncio.to_thread(self._build, snapshot.revision, snapshot.targets)
+            self._index = index
+            logger.info("guard index at revision %d: %d active targets", index.revision, len(index.compiled))
+
+    def _build(self, revision: int, targets: Sequence[Target]) -> GuardIndex:
+        if self._vocabulary is None and any(t.enabled for t in targets):
+            from models.vocab import input_embeddings
+
+            texts = [self._decode_token(i) for i in range(self._vocab_size)]
+            self._vocabulary = Vocabulary.build(input_embeddings(self._model_path), texts)
+        return GuardIndex.build(
+            revision, targets, self._build_detector, self._encode, self._vocabulary, self._config
+        )
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_SECONDS)
+            try:
+                if await asyncio.to_thread(self._store.revision) != self._index.revision:
+                    await self.reload()
+            except Exception:  # keep serving with the current index; the next poll tries again
+                logger.exception("guard index refresh failed")
+
+    @staticmethod
+    async def check_conversation(index: GuardIndex, messages: Sequence[str]) -> Decision:
+        if index.detector is None:
+            return index.decide(())
+        try:
+            return await asyncio.to_thread(index.check_conversation, messages)
+        except Exception as error:
+            logger.exception("prompt detection failed")
+            raise GuardFailure(error) from error
+
+    @staticmethod
+    async def check_generated(index: GuardIndex, text: str) -> Decision:
+        try:
+            return await asyncio.to_thread(index.check_generated, text)
+        except Exception as error:
+            logger.exception("detection on generated text failed")
+            raise GuardFailure(error) from error

@@ -1,0 +1,87 @@
+"""The guard index: one immutable, compiled view of every registered target.
+
+A new index is built whenever the targets change and swapped in whole (copy-on-write): a request
+keeps the index it started with, and the next request sees the new one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from guards.compiler import CompiledTarget, GuardConfig, Vocabulary, compile_target, plan_for
+from guards.plan import GuardPlan
+from guards.targets import Target
+
+
+class Fired(Protocol):
+    target_id: str
+
+
+class Detector(Protocol):
+    def detect_conversation(self, messages: Sequence[str]) -> Sequence[Fired]: ...
+
+    def detect_generated(self, text: str) -> Sequence[Fired]: ...
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a request must obey: the plan for the fired targets, or a refusal."""
+
+    plan: GuardPlan
+    target_ids: tuple[str, ...]
+    refuse: bool
+
+    @property
+    def fired(self) -> bool:
+        return bool(self.target_ids)
+
+
+NOTHING_FIRED = Decision(GuardPlan(), (), refuse=False)
+
+
+@dataclass(frozen=True)
+class GuardIndex:
+    revision: int
+    detector: Detector | None
+    compiled: dict[str, CompiledTarget] = field(default_factory=dict)
+    config: GuardConfig = field(default_factory=GuardConfig)
+
+    @classmethod
+    def build(
+        cls,
+        revision: int,
+        targets: Sequence[Target],
+        build_detector: Callable[[Sequence[Target]], Detector],
+        encode: Callable[[str], list[int]],
+        vocabulary: Vocabulary | None,
+        config: GuardConfig,
+    ) -> GuardIndex:
+        enabled = [t for t in targets if t.enabled]
+        return cls(
+            revision=revision,
+            detector=build_detector(enabled) if enabled else None,
+            compiled={t.id: compile_target(t, encode, vocabulary, config) for t in enabled},
+            config=config,
+        )
+
+    def decide(self, fired_ids: Sequence[str]) -> Decision:
+        fired = [self.compiled[i] for i in dict.fromkeys(fired_ids) if i in self.compiled]
+        if not fired:
+            return NOTHING_FIRED
+        return Decision(
+            plan=plan_for(fired, self.config),
+            target_ids=tuple(t.target_id for t in fired),
+            refuse=any(t.policy == "refuse" for t in fired),
+        )
+
+    def check_conversation(self, messages: Sequence[str]) -> Decision:
+        if self.detector is None:
+            return NOTHING_FIRED
+        return self.decide([d.target_id for d in self.detector.detect_conversation(messages)])
+
+    def check_generated(self, text: str) -> Decision:
+        if self.detector is None:
+            return NOTHING_FIRED
+        return self.decide([d.target_id for d in self.detector.detect_generated(text)])
