@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -18,6 +18,7 @@ from gateway.admin_key import load_admin_key
 from gateway.auth import check_api_key
 from gateway.config import Settings
 from gateway.errors import install_error_handlers
+from gateway.guard_service import DetectorFactory, GuardService
 from gateway.limits import BodySizeLimit
 from gateway.metrics import Metrics, MetricsMiddleware
 from gateway.protocol import (
@@ -32,6 +33,7 @@ from gateway.serving import ServingContext, check_model
 from gateway.serving_chat import create_chat_completion
 from gateway.serving_completions import create_completion
 from gateway.store import open_store
+from guards.compiler import GuardConfig
 from models.engine import Engine
 
 logger = logging.getLogger(__name__)
@@ -114,25 +116,32 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.admin_key = load_admin_key(settings)
-        app.state.store = open_store(settings)
-        serving_engine = engine or build_engine(settings)
-        started = time.perf_counter()
-        await serving_engine.start()
-        metrics.watch_engine(serving_engine)
-        logger.info("engine ready: %s in %.1f s", serving_engine.model_name, time.perf_counter() - started)
-        app.state.serving = ServingContext(
-            engine=serving_engine,
-            settings=settings,
-            metrics=metrics,
-            model_name=serving_engine.model_name,
-            created=int(time.time()),
-        )
-        try:
+        async with AsyncExitStack() as stack:
+            app.state.admin_key = load_admin_key(settings)
+            app.state.store = open_store(settings)
+            stack.callback(app.state.store.close)
+            serving_engine = engine or build_engine(settings)
+            started = time.perf_counter()
+            await serving_engine.start()
+            stack.push_async_callback(serving_engine.shutdown)
+            metrics.watch_engine(serving_engine)
+            logger.info(
+                "engine ready: %s in %.1f s", serving_engine.model_name, time.perf_counter() - started
+            )
+            guard = GuardService(app.state.store, serving_engine, DetectorFactory(), GuardConfig())
+            await guard.start()
+            stack.push_async_callback(guard.stop)
+            app.state.on_targets_changed.append(guard.reload)
+            app.state.serving = ServingContext(
+                engine=serving_engine,
+                settings=settings,
+                metrics=metrics,
+                model_name=serving_engine.model_name,
+                created=int(time.time()),
+                guard=guard,
+                store=app.state.store,
+            )
             yield
-        finally:
-            await serving_engine.shutdown()
-            app.state.store.close()
 
     app = FastAPI(title="Lethe", version="0.1.0", lifespan=lifespan)
     app.state.api_keys = settings.api_key_set()

@@ -6,13 +6,15 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from gateway.errors import APIError
 from gateway.store import Store
 from guards.compiler import GuardConfig, Vocabulary
+from guards.detection import DetectionConfig, TargetDetector
+from guards.embedding import default_embedder
 from guards.index import Decision, Detector, GuardIndex
 from guards.targets import Target
+from models.engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -33,22 +35,32 @@ class GuardFailure(APIError):
         )
 
 
+class DetectorFactory:
+    """Builds each new detector from the previous one, so an edit re-embeds only what changed."""
+
+    def __init__(self, config: DetectionConfig | None = None) -> None:
+        self._config = config or DetectionConfig()
+        self._previous: TargetDetector | None = None
+
+    def __call__(self, targets: Sequence[Target]) -> TargetDetector:
+        detector = TargetDetector.build(targets, default_embedder(), self._config, previous=self._previous)
+        self._previous = detector
+        return detector
+
+
 class GuardService:
     def __init__(
         self,
         store: Store,
-        encode: Callable[[str], list[int]],
-        decode_token: Callable[[int], str],
-        vocab_size: int,
-        model_path: Path,
+        engine: Engine,
         build_detector: Callable[[Sequence[Target]], Detector],
         config: GuardConfig,
     ) -> None:
         self._store = store
-        self._encode = encode
-        self._decode_token = decode_token
-        self._vocab_size = vocab_size
-        self._model_path = model_path
+        self._encode = engine.encode_text
+        self._decode_token = engine.decode_token
+        self._vocab_size = engine.vocab_size
+        self._model_path = engine.model_path
         self._build_detector = build_detector
         self._config = config
         self._vocabulary: Vocabulary | None = None

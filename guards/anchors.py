@@ -15,21 +15,27 @@ from typing import Literal
 
 from guards.targets import Target
 
-AnchorKind = Literal["identity", "content"]
-"""`identity`: says who or what the target is (name, aliases, description); `content`: knowledge
-about it (document sentences, example prompts). They get separate thresholds because a question
-close to a fact in a document is weaker evidence than one close to the target's identity: the
-documents also mention the target's neighbours."""
+AnchorKind = Literal["name", "description", "content"]
+"""`name`: the name and aliases; `description`: sentences saying who or what the target is;
+`content`: knowledge about it (document sentences, example prompts). They are weighed apart:
+closeness to a fact in a document is weaker evidence than closeness to the target's identity,
+because documents also describe the target's neighbours; and a text sharing only a first name
+with the target is close to its name anchor but not to anything said about it.
+"""
 
 _ABBREVIATIONS = frozenset(
-    "mr mrs ms dr prof sr jr st mt ft no vs etc inc ltd co corp gen col capt lt sgt rev hon fig al approx "
-    "jan feb mar apr jun jul aug sep sept oct nov dec e.g i.e u.s u.k".split()
+    """
+    mr mrs ms dr prof sr jr st mt ft no vs etc inc ltd co corp gen col capt lt sgt rev hon fig al approx
+    jan feb mar apr jun jul aug sep sept oct nov dec e.g i.e u.s u.k
+    """.split()  # noqa: SIM905 -- a word list reads better as words
 )
 """Words after which a full stop does not end a sentence; single initials ("J. K.") are handled
 separately."""
 
 _BOUNDARY = re.compile(r"(?<=[.!?…])[\"'”’)\]]*\s+(?=[\"'“‘(\[]?[A-Z0-9À-Ý])|\n\s*\n|\n(?=\s*[-*•\d])")
 _WORD = re.compile(r"\S+")
+_MIN_QUERY_WORDS = 3
+"""A shorter piece of a prompt ("Answer:") joins the sentence before it: alone it means nothing."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,43 @@ def pack_sentences(text: str, max_words: int, min_words: int = 1) -> list[str]:
     return pieces
 
 
+_LEAD_NAME = re.compile(
+    r"^\s*(?P<name>[A-Z][\w'’.-]*(?:\s+(?:[A-Z][\w'’.-]*|da|de|di|del|der|van|von|ser|bin|ibn|al))+)\s*"
+    r"\((?:[^)]*?\b(?:born|née|né)\s+(?P<born>[A-Z][\w'’-]*(?:\s+[A-Z][\w'’-]*)*))?"
+)
+
+
+_MONTHS = frozenset(
+    "january february march april may june july august september october november december".split()  # noqa: SIM905
+)
+
+
+def lead_names(target: Target) -> list[str]:
+    """Fuller names of the target read from the opening of its documents.
+
+    Encyclopedic documents open with the subject's full name and, in parentheses, a birth name:
+    "Genghis Khan (born Temüjin; ...)", "Sir Anthony Charles Lynton Blair (born 6 May 1953)". A
+    question using those forms is about the target just as much as one using its registered name.
+    A lead counts only when it shares a word with the registered name, so a document that opens
+    with someone else is ignored.
+    """
+    own = {word.casefold() for word in target.name.split() if len(word) > 2}
+    names: list[str] = []
+    for document in target.documents:
+        lead = _LEAD_NAME.match(document)
+        if lead is None or not own & {word.casefold() for word in lead["name"].split()}:
+            continue
+        names.append(lead["name"])
+        born = lead["born"]
+        if (
+            born
+            and born.split()[0].casefold() not in _MONTHS
+            and not own >= {w.casefold() for w in born.split()}
+        ):
+            names.append(born)
+    return [name for name in dict.fromkeys(names) if name.casefold() != target.name.casefold()]
+
+
 def target_anchors(target: Target, max_words: int, max_content: int) -> list[Anchor]:
     """The texts that stand for `target` in the embedding index, without duplicates.
 
@@ -96,28 +139,36 @@ def target_anchors(target: Target, max_words: int, max_content: int) -> list[Anc
     `max_content` content anchors are kept, spread evenly over all of them, so that one target
     with thousands of pages cannot dominate build time and memory.
     """
-    identity = [target.name, *target.aliases]
-    if target.description:
-        identity += pack_sentences(target.description, max_words, min_words=4)
+    names = [target.name, *target.aliases]
+    description = pack_sentences(target.description, max_words, min_words=4) if target.description else []
     content = [piece for document in target.documents for piece in pack_sentences(document, max_words, 4)]
     content += target.examples
     if len(content) > max_content:
         step = len(content) / max_content
         content = [content[int(i * step)] for i in range(max_content)]
     anchors: dict[str, Anchor] = {}
-    for kind, texts in (("identity", identity), ("content", content)):
+    for kind, texts in (("name", names), ("description", description), ("content", content)):
         for text in texts:
             anchors.setdefault(text.casefold(), Anchor(text, kind))
     return list(anchors.values())
 
 
 def query_chunks(text: str, max_words: int, max_chunks: int) -> list[str]:
-    """The pieces of a prompt to embed: sentence-aligned, and the last `max_chunks` of them.
+    """The pieces of a prompt to embed: one per sentence, and the last `max_chunks` of them.
 
-    The end of a prompt is kept because that is where a chat template puts the newest turn;
-    name matching still reads the whole text.
+    Sentences are not packed together as anchors may be: a question embedded together with the
+    instruction around it ("Please briefly answer the following question.") lands between the
+    two, and loses its similarity to the one fact it asks about. The end of a prompt is kept
+    because that is where a chat template puts the newest turn; name matching reads all of it.
     """
-    return pack_sentences(text, max_words)[-max_chunks:]
+    pieces = [window for sentence in split_sentences(text) for window in _word_windows(sentence, max_words)]
+    merged: list[str] = []
+    for piece in pieces:
+        if merged and len(piece.split()) < _MIN_QUERY_WORDS:
+            merged[-1] = f"{merged[-1]} {piece}"
+        else:
+            merged.append(piece)
+    return merged[-max_chunks:]
 
 
 def tail_window(text: str, max_chars: int) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import regex
 
@@ -58,6 +59,13 @@ class ForbiddenMatcher:
     def contains(self, text: str) -> bool:
         """Whether `text` holds a complete forbidden string (for checks and tests)."""
         return self._pattern is not None and self._pattern.search(text) is not None
+
+
+@lru_cache(maxsize=256)
+def matcher_for(strings: tuple[str, ...], words: tuple[str, ...]) -> ForbiddenMatcher:
+    """A compiled matcher, shared by every request with the same plan (compiling one pattern over
+    every registered string per request would cost more than the request's decode steps)."""
+    return ForbiddenMatcher(strings, words)
 
 
 def spelling_variants(string: str) -> set[str]:

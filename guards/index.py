@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Protocol
 
 from guards.compiler import CompiledTarget, GuardConfig, Vocabulary, compile_target, plan_for
@@ -48,6 +49,16 @@ class GuardIndex:
     compiled: dict[str, CompiledTarget] = field(default_factory=dict)
     config: GuardConfig = field(default_factory=GuardConfig)
 
+    @cached_property
+    def registered_strings(self) -> tuple[str, ...]:
+        """Every enabled target's name, aliases and explicit forbidden strings.
+
+        These are matched on every answer, fired or not: detection decides how hard to steer, but
+        a registered string must never reach a client even when detection missed the prompt.
+        Matching only holds text back and undoes a completed match, so an answer that never
+        spells one is decoded exactly as without the guard."""
+        return tuple(dict.fromkeys(s for t in self.compiled.values() for s in t.forbidden_strings))
+
     @classmethod
     def build(
         cls,
@@ -68,20 +79,22 @@ class GuardIndex:
 
     def decide(self, fired_ids: Sequence[str]) -> Decision:
         fired = [self.compiled[i] for i in dict.fromkeys(fired_ids) if i in self.compiled]
-        if not fired:
-            return NOTHING_FIRED
+        plan = plan_for(fired, self.config)
+        everywhere = self.registered_strings
+        if everywhere:
+            plan = plan.model_copy(update={"forbidden_strings": everywhere})
         return Decision(
-            plan=plan_for(fired, self.config),
+            plan=plan,
             target_ids=tuple(t.target_id for t in fired),
             refuse=any(t.policy == "refuse" for t in fired),
         )
 
     def check_conversation(self, messages: Sequence[str]) -> Decision:
         if self.detector is None:
-            return NOTHING_FIRED
+            return self.decide(())
         return self.decide([d.target_id for d in self.detector.detect_conversation(messages)])
 
     def check_generated(self, text: str) -> Decision:
         if self.detector is None:
-            return NOTHING_FIRED
+            return self.decide(())
         return self.decide([d.target_id for d in self.detector.detect_generated(text)])

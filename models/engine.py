@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Protocol
 
 import torch
@@ -88,7 +89,10 @@ class HookHandle(Protocol):
 
 class Engine(Protocol):
     model_name: str
+    model_path: Path
+    """The checkpoint folder served (guards read its tokenizer-level data, such as input embeddings)."""
     max_context: int
+    vocab_size: int
 
     async def start(self) -> None:
         """Load and warm up; return when the engine can serve."""

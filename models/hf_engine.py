@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
 
-from guards.forbidden import ForbiddenMatcher
+from guards.forbidden import matcher_for
 from models.batch_cache import BatchCache
 from models.detokenizer import IncrementalDetokenizer
 from models.engine import (
@@ -75,6 +75,7 @@ class TransformersEngine:
         self.max_prefill_tokens = max_prefill_tokens
         self.dtype = dtype
         self.max_context = 0
+        self.vocab_size = 0
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.model: torch.nn.Module | None = None
         self._eos_ids: frozenset[int] = frozenset()
@@ -107,6 +108,7 @@ class TransformersEngine:
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)
         self._eos_ids = frozenset(eos_ids)
+        self.vocab_size = len(tokenizer)
         self.tokenizer, self.model = tokenizer, model
         with torch.inference_mode():  # first call pays one-off costs (allocator, kernels)
             model(input_ids=torch.tensor([[0]]), use_cache=False)
@@ -157,7 +159,7 @@ class TransformersEngine:
             detokenizer=IncrementalDetokenizer(
                 self.tokenizer,
                 request.sampling.stop,
-                ForbiddenMatcher(request.plan.forbidden_strings, request.plan.forbidden_words),
+                matcher_for(request.plan.forbidden_strings, request.plan.forbidden_words),
             ),
         )
         self._inbox.put(sequence)

@@ -27,8 +27,9 @@ def input_embeddings(model_path: Path) -> np.ndarray:
         files = [model_path / weight_map[name] for name in _NAMES if name in weight_map]
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
+            stored = set(handle.keys())  # safe_open supports keys() but not `in`
             for name in _NAMES:
-                if name in handle:
+                if name in stored:
                     matrix = handle.get_tensor(name).float().numpy()
                     matrix = matrix - matrix.mean(axis=0)
                     norms = np.linalg.norm(matrix, axis=1, keepdims=True)

@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from gateway.app import create_app
 from gateway.config import Settings
 from gateway.store import AuditRecord
+from models.hf_engine import TransformersEngine
 from tests.support.server import LiveServer, start_server
 
 ADMIN_KEY = "admin-secret"
@@ -24,33 +25,20 @@ USER_KEY = "user-key"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
-class IdleEngine:
-    """Enough of the Engine protocol for the app to start: the admin API never generates."""
-
-    model_name = "idle"
-    max_context = 16
-
-    async def start(self) -> None:
-        pass
-
-    async def shutdown(self) -> None:
-        pass
-
-    def is_healthy(self) -> bool:
-        return True
-
-    def load(self) -> tuple[int, int]:
-        return (0, 0)
+@pytest.fixture(scope="module")
+def engine_dir(tiny_model_dir: Path) -> Path:
+    return tiny_model_dir
 
 
-def build_app(home: Path, **settings: Any) -> FastAPI:
+def build_app(home: Path, model: Path, **settings: Any) -> FastAPI:
+    """The real app on the tiny model: registering a target compiles it for that model."""
     values = {"home": home, "api_keys": USER_KEY, "admin_key": ADMIN_KEY, **settings}
-    return create_app(Settings(**values), engine=IdleEngine())  # type: ignore[arg-type]
+    return create_app(Settings(**values), engine=TransformersEngine(model))
 
 
 @pytest.fixture
-def app(tmp_path: Path) -> FastAPI:
-    return build_app(tmp_path)
+def app(tmp_path: Path, engine_dir: Path) -> FastAPI:
+    return build_app(tmp_path, engine_dir)
 
 
 @pytest.fixture
@@ -243,10 +231,10 @@ def test_the_admin_key_is_not_a_user_key(client: TestClient) -> None:
 
 
 def test_a_key_is_generated_once_when_none_is_configured(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, engine_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    app = build_app(tmp_path, admin_key="")
+    app = build_app(tmp_path, engine_dir, admin_key="")
     with TestClient(app) as client:
         key_file = tmp_path / "admin.key"
         key = key_file.read_text().strip()
@@ -257,7 +245,7 @@ def test_a_key_is_generated_once_when_none_is_configured(
     assert str(key_file) in caplog.text and key not in caplog.text
     assert [path.name for path in tmp_path.iterdir() if "admin.key" in path.name] == ["admin.key"]
 
-    again = build_app(tmp_path, admin_key="")
+    again = build_app(tmp_path, engine_dir, admin_key="")
     with TestClient(again):
         assert again.state.admin_key == key
 

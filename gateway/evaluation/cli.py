@@ -132,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from gateway.evaluation.admin import AdminError
+    from gateway.evaluation.client import ServerError
     from gateway.evaluation.datasets import DataError, resolve_data_dir
     from gateway.evaluation.runner import EvalConfig, run_eval
 
@@ -158,6 +159,9 @@ def run(args: argparse.Namespace) -> int:
             out=args.out,
         )
         return run_eval(config, console)
-    except (DataError, AdminError, APIError, OSError) as error:
+    except APIError as error:
+        console.print(f"[red]lethe eval: {args.base_url}: {error}[/]")
+        return 2
+    except (DataError, AdminError, ServerError, OSError) as error:
         console.print(f"[red]lethe eval: {error}[/]")
         return 2

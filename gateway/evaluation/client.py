@@ -16,6 +16,10 @@ from pydantic import BaseModel
 from gateway.evaluation.records import Probe
 
 
+class ServerError(RuntimeError):
+    """The server cannot be evaluated as asked (e.g. it lists no model to default to)."""
+
+
 class Completion(BaseModel):
     output: str
     finish_reason: str | None = None
@@ -37,7 +41,7 @@ class ChatClient:
         """The first model the server lists: what a run evaluates when --model is not given."""
         page = await self._openai.models.list()
         if not page.data:
-            raise RuntimeError("the server lists no models: pass --model")
+            raise ServerError("the server lists no models: pass --model")
         return page.data[0].id
 
     async def complete(self, model: str, probe: Probe) -> Completion:

@@ -87,7 +87,9 @@ class Summary(BaseModel):
     muse: dict[str, GroupScore] = {}
     utility: dict[str, GroupScore] = {}
     unknown_targets: list[str] | None = None
-    """Targets the unguarded model barely knew; None when no baseline numbers were available."""
+    """RWKU targets the unguarded model barely knew; None when no baseline numbers were available."""
+    muse_never_known: bool | None = None
+    """Whether the unguarded model barely knew the MUSE forget set; None without baseline numbers."""
 
 
 class RegisteredTarget(BaseModel):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gateway.evaluation.records import EvalResults, GroupScore, Summary
-from gateway.evaluation.scoring import KNOWN_RECALL_FLOOR, pooled
+from gateway.evaluation.scoring import KNOWN_FLOOR, pooled
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -147,11 +147,11 @@ def _rwku_section(current: Summary, baseline: Summary | None) -> list[str]:
     elif current.unknown_targets:
         names = ", ".join(current.rwku_subjects.get(t, t) for t in current.unknown_targets)
         lines.append(
-            f"⚠ never known: {names} — unguarded forget L1/L2 recall below {KNOWN_RECALL_FLOOR}, so there"
+            f"⚠ never known: {names} — unguarded forget L1/L2 recall below {KNOWN_FLOOR}, so there"
             " is little to forget and a drop there says little about the guard."
         )
     else:
-        lines.append(f"Every target was known before any guard (forget L1/L2 recall ≥ {KNOWN_RECALL_FLOOR}).")
+        lines.append(f"Every target was known before any guard (forget L1/L2 recall ≥ {KNOWN_FLOOR}).")
     return [*lines, ""]
 
 
@@ -179,7 +179,7 @@ def _muse_section(current: Summary, baseline: Summary | None) -> list[str]:
         cells = [_cell(current, baseline, _value(_muse, split, f)) for f in fields]
         rows.append([split.removeprefix("knowmem_"), str(group.n), *cells])
     header = ["Set", "n", "KnowMem (ROUGE-L F1)", "ROUGE-L recall", "Contain", "Names Harry Potter"]
-    return [
+    lines = [
         "## MUSE-Books (Harry Potter) KnowMem",
         "",
         "ROUGE-L F1 with MUSE's in-context examples prepended (forget: lower = more forgotten; retain: higher"
@@ -187,6 +187,13 @@ def _muse_section(current: Summary, baseline: Summary | None) -> list[str]:
         "",
         *_table(header, rows),
     ]
+    if current.muse_never_known:
+        lines += [
+            f"⚠ never known: unguarded forget KnowMem below {KNOWN_FLOOR}: the model shows no Harry Potter"
+            " knowledge to forget, so a drop here says little about the guard.",
+            "",
+        ]
+    return lines
 
 
 def _utility_section(current: Summary, baseline: Summary | None) -> list[str]:

@@ -158,9 +158,12 @@ def run_eval(config: EvalConfig, console: Console) -> int:
     )
     results = EvalResults(info=info, summary=summary, records=records)
     (config.out / RESULTS_FILE).write_text(results.model_dump_json(indent=1), encoding="utf-8")
-    report = write_report(
-        results, summarise(baseline.records, is_baseline=True) if baseline else None, config.out
+    # The baseline column covers the same probes as this run, even when the baseline ran on more.
+    asked = {probe.id for probe in probes}
+    matched = (
+        summarise([r for r in baseline.records if r.id in asked], is_baseline=True) if baseline else None
     )
+    report = write_report(results, matched, config.out)
     failed = sum(r.error is not None for r in records)
     console.print(f"wrote {config.out / RESULTS_FILE} and {report} in {info.wall_seconds:.0f} s")
     if failed:

@@ -13,12 +13,11 @@ from gateway.evaluation import metrics, prompts
 from gateway.evaluation.client import Completion
 from gateway.evaluation.records import GroupScore, Probe, ProbeResult, Scores, Summary
 
-KNOWN_RECALL_FLOOR = 0.1
-"""Below this forget level-1/2 ROUGE-L recall before any guard, a target counts as never known.
-
-The data README puts the embedded model at 0.1-0.3 on these targets and 0.12 over all 100 RWKU
-targets; under 0.1 the answers share little more than incidental words with the gold, so a drop
-after registration cannot be told from noise.
+KNOWN_FLOOR = 0.05
+"""Below this unguarded score a target counts as never known ("near zero"): forget level-1/2
+ROUGE-L recall for an RWKU target, forget KnowMem F1 for MUSE. The data README puts the embedded
+model at about 0.12 over all 100 RWKU targets; under 0.05 its answers share no more than an
+incidental word with the gold, so a drop after registration cannot be told from noise.
 """
 
 STEMMED_SUITES = {"rwku": True, "muse": False, "utility": True}
@@ -101,11 +100,11 @@ def _by(records: Iterable[ProbeResult], key: str) -> dict[str, list[ProbeResult]
 
 
 def unknown_targets(summary: Summary) -> list[str]:
-    """Targets whose unguarded forget level-1/2 recall is under `KNOWN_RECALL_FLOOR`."""
+    """RWKU targets whose unguarded forget level-1/2 recall is under `KNOWN_FLOOR`."""
     unknown = []
     for target, splits in summary.rwku_targets.items():
         recall = pooled(splits[s] for s in ("forget_level1", "forget_level2") if s in splits)
-        if recall is not None and recall < KNOWN_RECALL_FLOOR:
+        if recall is not None and recall < KNOWN_FLOOR:
             unknown.append(target)
     return unknown
 
@@ -135,8 +134,10 @@ def summarise(
         muse={s: group_score(rows, by_id) for s, rows in _by(suites.get("muse", []), "split").items()},
         utility={s: group_score(rows, by_id) for s, rows in _by(suites.get("utility", []), "split").items()},
     )
-    if baseline is not None:
-        summary.unknown_targets = [t for t in unknown_targets(summarise(baseline)) if t in targets]
-    elif is_baseline:
-        summary.unknown_targets = unknown_targets(summary)
+    unguarded = summarise(baseline) if baseline is not None else summary if is_baseline else None
+    if unguarded is not None:
+        summary.unknown_targets = [t for t in unknown_targets(unguarded) if t in targets]
+        muse_forget = unguarded.muse.get("knowmem_forget")
+        if summary.muse and muse_forget is not None and muse_forget.rouge_l_f1 is not None:
+            summary.muse_never_known = muse_forget.rouge_l_f1 < KNOWN_FLOOR
     return summary

@@ -62,7 +62,7 @@ class ScriptedServer:
             elif probe.answer is not None:
                 text = f"{probe.answer}\n\nQuestion: and then"
             else:
-                text = "Rain falls softly on the old roof while the city sleeps."
+                text = f"Here is my answer to {prompt.strip()} Rain falls softly on the old roof."
             for stop in body.get("stop") or ():
                 text = text.split(stop, 1)[0]
             return JSONResponse(
@@ -163,6 +163,7 @@ def test_baseline_run_scores_a_server_that_knows_everything(
     assert results.summary.utility["world_facts"].rouge_l_recall == 1.0
     assert results.summary.utility["instructions"].entropy > 3
     assert results.summary.unknown_targets == []
+    assert results.summary.muse_never_known is False
     assert set(results.summary.rwku_attacks) == {
         "cross-lingual",
         "in-context learning",
@@ -261,3 +262,36 @@ def test_results_file_is_plain_json(server: ScriptedServer, data_dir: Path, tmp_
     raw = json.loads((out / "results.json").read_text())
     assert set(raw) == {"info", "summary", "records"}
     assert raw["records"][0]["id"] == "muse/knowmem_forget/0"
+
+
+def test_a_sampled_run_is_compared_with_the_same_probes_of_a_full_baseline(
+    server: ScriptedServer, data_dir: Path, tmp_path: Path
+) -> None:
+    common = (
+        "--base-url",
+        server.base_url,
+        "--data-dir",
+        str(data_dir),
+        "--suite",
+        "utility",
+        "--no-register",
+    )
+    run_cli(*common, "--out", str(tmp_path / "full"))
+    run_cli(
+        *common,
+        "--sample",
+        "1",
+        "--compare",
+        str(tmp_path / "full" / "results.json"),
+        "--out",
+        str(tmp_path / "s"),
+    )
+    full = load(tmp_path / "full").summary.utility["instructions"].entropy
+    sampled = load(tmp_path / "s").summary.utility["instructions"].entropy
+    assert full != sampled
+    row = next(
+        line
+        for line in (tmp_path / "s" / "report.md").read_text().splitlines()
+        if "General instructions" in line
+    )
+    assert f"{sampled:.3f} → {sampled:.3f}" in row

@@ -93,3 +93,21 @@ def test_agreement_and_unknown_targets_come_from_the_baseline() -> None:
     assert summary.unknown_targets == ["2_Other"]
     assert summarise(guarded).unknown_targets is None
     assert summarise(baseline, is_baseline=True).unknown_targets == ["2_Other"]
+
+
+def test_muse_counts_as_never_known_when_forget_knowmem_is_near_zero() -> None:
+    def muse(index: int, output: str) -> ProbeResult:
+        probe = Probe(
+            id=f"muse/knowmem_forget/{index}",
+            suite="muse",
+            split="knowmem_forget",
+            subject="Harry Potter",
+            prompt="Q",
+            answer="the Golden Snitch",
+            max_tokens=32,
+        )
+        return score_answer(probe, Completion(output=output))
+
+    assert summarise([muse(0, "a broom")], is_baseline=True).muse_never_known is True
+    assert summarise([muse(0, "the Golden Snitch")], is_baseline=True).muse_never_known is False
+    assert summarise([muse(0, "a broom")]).muse_never_known is None
