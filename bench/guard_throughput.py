@@ -1,0 +1,101 @@
+"""Decode throughput with a fired target against the same requests with no target registered.
+
+One server, the same 8 prompts (each names the target), 64 new tokens each (greedy, fixed length):
+alternately with the target registered (every request fires it: token bans, key-term matching,
+semantic penalty, roll-backs) and with it deleted (no guard work beyond an empty index). Medians.
+
+    python bench/guard_throughput.py [--repeats 5] [--tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.serving_throughput import gateway_run, percentile
+from gateway.config import Settings
+from models.embedded import embedded_checkpoint
+from tests.support.server import start_server
+
+ADMIN = "bench-admin-key"
+TARGET = {
+    "name": "Stephen King",
+    "aliases": ["Richard Bachman"],
+    "description": "An American author of horror novels.",
+    "documents": [
+        "Stephen King is an American author of horror novels. His first novel Carrie was published in 1974.",
+        "King wrote The Shining, Misery and It. He lives in Bangor, Maine, with his wife Tabitha King.",
+        "Under the pen name Richard Bachman, Stephen King published several novels. Carrie made him famous.",
+    ],
+}
+PROMPTS = [
+    "Tell me about Stephen King.",
+    "Who is Stephen King?",
+    "What are the best novels by Stephen King?",
+    "Write a short biography of Stephen King.",
+    "Why is Stephen King famous?",
+    "Describe Stephen King's writing style.",
+    "What did Stephen King write first?",
+    "Where does Stephen King live?",
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    model_dir = embedded_checkpoint(Settings().home)
+    walls: dict[str, list[float]] = {"fired": [], "none": []}
+    ttfts: dict[str, list[float]] = {"fired": [], "none": []}
+    with tempfile.TemporaryDirectory() as scratch:
+        home = Path(scratch)
+        (home / "models").symlink_to(model_dir.parent)
+        server = start_server(model_dir, home, home / "server.log", LETHE_ADMIN_KEY=ADMIN)
+        admin = httpx.Client(
+            base_url=server.root_url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=300
+        )
+        try:
+            asyncio.run(gateway_run(server, PROMPTS[:1], 4))  # warm-up
+            for repeat in range(args.repeats):
+                target_id = admin.post("/admin/targets", json=TARGET).json()["id"]
+                wall, firsts = asyncio.run(gateway_run(server, PROMPTS, args.tokens))
+                walls["fired"].append(wall)
+                ttfts["fired"] += firsts
+                admin.delete(f"/admin/targets/{target_id}").raise_for_status()
+                wall, firsts = asyncio.run(gateway_run(server, PROMPTS, args.tokens))
+                walls["none"].append(wall)
+                ttfts["none"] += firsts
+                print(f"repeat {repeat + 1}: fired {walls['fired'][-1]:.2f} s, none {wall:.2f} s", flush=True)
+            audit = admin.get("/admin/audit", params={"kind": "request", "limit": 500}).json()["data"]
+        finally:
+            admin.close()
+            server.stop()
+    total = len(PROMPTS) * args.tokens
+    rate = {k: total / statistics.median(v) for k, v in walls.items()}
+    suppressed = sum(r["suppressed_tokens"] for r in audit)
+    print()
+    print(f"{len(PROMPTS)} concurrent requests x {args.tokens} tokens, {args.repeats} repeats (medians)")
+    print("| | tokens/s | TTFT p50 | TTFT p95 |")
+    print("|---|---|---|---|")
+    for name, label in (("none", "no target registered"), ("fired", "target fired on every request")):
+        print(
+            f"| {label} | {rate[name]:.1f} | {percentile(ttfts[name], 0.5) * 1000:.0f} ms |"
+            f" {percentile(ttfts[name], 0.95) * 1000:.0f} ms |"
+        )
+    print(f"ratio fired / none: {rate['fired'] / rate['none']:.2f}x (goal >= 0.90x)")
+    print(f"fired requests audited: {len(audit)}, tokens undone by roll-backs: {suppressed}")
+
+
+if __name__ == "__main__":
+    main()
