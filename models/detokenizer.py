@@ -85,19 +85,13 @@ class IncrementalDetokenizer:
         return self._release(search_from)
 
     def flush(self) -> str:
-        """At the end of generation: release held-back text (it can no longer become a stop string).
-
-        Text held for a possible forbidden string stays held: at the end it is known to be a prefix
-        of one, and emitting a prefix could still reveal too much; dropping it is the safe side."""
+        """At the end of generation: release held-back text. It can no longer become a stop string
+        or a forbidden string, and dropping it would make an answer that touched no target differ
+        from the unguarded one (an answer may well end in "Is" while "Isaac Newton" is registered)."""
         if self.stopped:
             return ""
-        end = len(self._text)
-        if self._forbidden is not None:
-            found = self._forbidden.search(self._text, self._emitted)
-            if found is not None:
-                end = self._token_start(found.start)
-        chunk = self._text[self._emitted : end]
-        self._emitted = max(self._emitted, end)
+        chunk = self._text[self._emitted :]
+        self._emitted = len(self._text)
         return chunk
 
     def rollback(self, keep: int) -> None:
