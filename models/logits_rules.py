@@ -5,7 +5,7 @@ parameters and different histories)."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 import torch
@@ -13,6 +13,16 @@ import torch
 from guards.enforcement import banned_next_tokens
 from guards.plan import GuardPlan
 from models.engine import SamplingParams
+
+
+def forbid(logits: torch.Tensor, token_ids: Iterable[int]) -> torch.Tensor:
+    """A copy of `logits` in which `token_ids` can never be chosen."""
+    ids = sorted(token_ids)
+    if not ids:
+        return logits
+    logits = logits.clone()
+    logits[torch.tensor(ids, dtype=torch.long)] = -torch.inf
+    return logits
 
 
 class LogitsRule(Protocol):
@@ -42,12 +52,10 @@ class BanTokens:
     """Forbid fixed tokens (end-of-sequence while `ignore_eos` asks for a fixed length)."""
 
     def __init__(self, token_ids: Sequence[int]) -> None:
-        self.token_ids = torch.tensor(sorted(set(token_ids)), dtype=torch.long)
+        self.token_ids = frozenset(token_ids)
 
     def __call__(self, output_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.clone()
-        logits[self.token_ids] = -torch.inf
-        return logits
+        return forbid(logits, self.token_ids)
 
 
 class GuardPlanRule:
@@ -57,12 +65,7 @@ class GuardPlanRule:
         self.plan = plan
 
     def __call__(self, output_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
-        banned = banned_next_tokens(self.plan, output_ids)
-        if not banned:
-            return logits
-        logits = logits.clone()
-        logits[torch.tensor(sorted(banned), dtype=torch.long)] = -torch.inf
-        return logits
+        return forbid(logits, banned_next_tokens(self.plan, output_ids))
 
 
 class SemanticPenalty:
@@ -90,12 +93,7 @@ class PositionBans:
         self.banned.setdefault(position, set()).add(token_id)
 
     def __call__(self, output_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
-        tokens = self.banned.get(len(output_ids))
-        if not tokens:
-            return logits
-        logits = logits.clone()
-        logits[torch.tensor(sorted(tokens), dtype=torch.long)] = -torch.inf
-        return logits
+        return forbid(logits, self.banned.get(len(output_ids), ()))
 
 
 class Temperature:
