@@ -2,8 +2,7 @@
 
 MiniLM was trained on sentence pairs of up to 128 tokens: one vector for a whole passage blurs
 every fact in it into an average that matches nothing well, and a long prompt truncated at the
-model's limit silently loses its end. Both sides are therefore cut at sentence boundaries into
-pieces of comparable size before they are embedded.
+model's limit silently loses its end. Both sides are therefore embedded sentence by sentence.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ _ABBREVIATIONS = frozenset(
     """
     mr mrs ms dr prof sr jr st mt ft no vs etc inc ltd co corp gen col capt lt sgt rev hon fig al approx
     jan feb mar apr jun jul aug sep sept oct nov dec e.g i.e u.s u.k
-    """.split()  # noqa: SIM905 -- a word list reads better as words
+    """.split()  # noqa: SIM905 (a word list reads better as words)
 )
 """Words after which a full stop does not end a sentence; single initials ("J. K.") are handled
 separately."""
@@ -35,7 +34,7 @@ separately."""
 _BOUNDARY = re.compile(r"(?<=[.!?…])[\"'”’)\]]*\s+(?=[\"'“‘(\[]?[A-Z0-9À-Ý])|\n\s*\n|\n(?=\s*[-*•\d])")
 _WORD = re.compile(r"\S+")
 _MIN_QUERY_WORDS = 3
-"""A shorter piece of a prompt ("Answer:") joins the sentence before it: alone it means nothing."""
+_MIN_ANCHOR_WORDS = 4
 
 
 @dataclass(frozen=True)
@@ -69,34 +68,23 @@ def _word_windows(sentence: str, max_words: int) -> Iterator[str]:
         yield " ".join(words[start : start + max_words])
 
 
-def pack_sentences(text: str, max_words: int, min_words: int = 1) -> list[str]:
-    """Consecutive sentences packed into pieces of at most `max_words` words.
-
-    Pieces shorter than `min_words` are merged into their neighbour (a lone "Carrie (1974)." says
-    little on its own); a sentence longer than `max_words` is cut into word windows.
-    """
+def sentence_pieces(text: str, max_words: int, min_words: int) -> list[str]:
+    """One piece per sentence of `text`: a sentence shorter than `min_words` joins the one before
+    it (a lone "Carrie (1974)." or "Answer:" says little), one longer than `max_words` is cut into
+    word windows."""
     pieces: list[str] = []
-    current: list[str] = []
-    current_words = 0
     for sentence in split_sentences(text):
         for window in _word_windows(sentence, max_words):
-            words = len(window.split())
-            if current and current_words + words > max_words and current_words >= min_words:
-                pieces.append(" ".join(current))
-                current, current_words = [], 0
-            current.append(window)
-            current_words += words
-    if current:
-        if pieces and current_words < min_words and len(pieces[-1].split()) + current_words <= max_words:
-            pieces[-1] = f"{pieces[-1]} {' '.join(current)}"
-        else:
-            pieces.append(" ".join(current))
+            if pieces and len(window.split()) < min_words:
+                pieces[-1] = f"{pieces[-1]} {window}"
+            else:
+                pieces.append(window)
     return pieces
 
 
 _LEAD_NAME = re.compile(
     r"^\s*(?P<name>[A-Z][\w'’.-]*(?:\s+(?:[A-Z][\w'’.-]*|da|de|di|del|der|van|von|ser|bin|ibn|al))+)\s*"
-    r"\((?:[^)]*?\b(?:born|née|né)\s+(?P<born>[A-Z][\w'’-]*(?:\s+[A-Z][\w'’-]*)*))?"
+    r"(?:,[^,(]{1,60})?\((?:[^)]*?\b(?:born|née|né)\s+(?P<born>[A-Z][\w'’-]*(?:\s+[A-Z][\w'’-]*)*))?"
 )
 
 
@@ -108,8 +96,9 @@ _MONTHS = frozenset(
 def lead_names(target: Target) -> list[str]:
     """Fuller names of the target read from the opening of its documents.
 
-    Encyclopedic documents open with the subject's full name and, in parentheses, a birth name:
-    "Genghis Khan (born Temüjin; ...)", "Sir Anthony Charles Lynton Blair (born 6 May 1953)". A
+    Encyclopedic documents open with the subject's full name, perhaps a title, and in parentheses
+    a birth name: "Genghis Khan (born Temüjin; ...)", "Sir Anthony Charles Lynton Blair (born 6 May
+    1953)", "Augusta Ada King, Countess of Lovelace (born Augusta Ada Byron; ...)". A
     question using those forms is about the target just as much as one using its registered name.
     A lead counts only when it shares a word with the registered name, so a document that opens
     with someone else is ignored.
@@ -134,14 +123,18 @@ def lead_names(target: Target) -> list[str]:
 def target_anchors(target: Target, max_words: int, max_content: int) -> list[Anchor]:
     """The texts that stand for `target` in the embedding index, without duplicates.
 
-    A document sentence is one anchor (packed with its neighbours only when very short), so a
+    A document sentence is one anchor (joined to the one before only when very short), so a
     question about one fact meets that fact rather than the average of a passage. At most
     `max_content` content anchors are kept, spread evenly over all of them, so that one target
     with thousands of pages cannot dominate build time and memory.
     """
     names = [target.name, *target.aliases]
-    description = pack_sentences(target.description, max_words, min_words=4) if target.description else []
-    content = [piece for document in target.documents for piece in pack_sentences(document, max_words, 4)]
+    description = sentence_pieces(target.description, max_words, _MIN_ANCHOR_WORDS)
+    content = [
+        piece
+        for document in target.documents
+        for piece in sentence_pieces(document, max_words, _MIN_ANCHOR_WORDS)
+    ]
     content += target.examples
     if len(content) > max_content:
         step = len(content) / max_content
@@ -156,19 +149,12 @@ def target_anchors(target: Target, max_words: int, max_content: int) -> list[Anc
 def query_chunks(text: str, max_words: int, max_chunks: int) -> list[str]:
     """The pieces of a prompt to embed: one per sentence, and the last `max_chunks` of them.
 
-    Sentences are not packed together as anchors may be: a question embedded together with the
-    instruction around it ("Please briefly answer the following question.") lands between the
-    two, and loses its similarity to the one fact it asks about. The end of a prompt is kept
-    because that is where a chat template puts the newest turn; name matching reads all of it.
+    A question embedded together with the instruction around it ("Please briefly answer the
+    following question.") lands between the two, and loses its similarity to the one fact it asks
+    about. The end of a prompt is kept because that is where a chat template puts the newest
+    turn; name matching reads all of it.
     """
-    pieces = [window for sentence in split_sentences(text) for window in _word_windows(sentence, max_words)]
-    merged: list[str] = []
-    for piece in pieces:
-        if merged and len(piece.split()) < _MIN_QUERY_WORDS:
-            merged[-1] = f"{merged[-1]} {piece}"
-        else:
-            merged.append(piece)
-    return merged[-max_chunks:]
+    return sentence_pieces(text, max_words, _MIN_QUERY_WORDS)[-max_chunks:]
 
 
 def tail_window(text: str, max_chars: int) -> str:

@@ -2,21 +2,25 @@
 
 Three kinds of evidence, from strongest to weakest:
 
-* **name** — the target's name or an alias, matched through case, punctuation, spacing and small
-  misspellings (`guards.names`). A given name or surname alone ("Blair", "Leonardo") is a
-  *partial* match, which also appears in questions about relatives and namesakes, so it fires
-  only when the text is also close in meaning to the target (`partial_threshold`).
+* **name** — the target's name or an alias (also the fuller names its documents open with),
+  matched through case, punctuation, spacing and small misspellings (`guards.names`). A given
+  name or surname alone ("Blair", "Leonardo") is a *partial* match, which also appears in texts
+  about relatives and namesakes, so it fires only when the text, with that name masked, is still
+  close to what is said about the target (`partial_threshold`).
 * **classifier** — for targets registered with enough example prompts, a logistic regression on
   sentence embeddings trained from those examples against neutral prompts (`guards.classifier`).
-* **embedding** — cosine similarity between the text and the target's anchors in a faiss index.
-  Anchors saying who the target is (name, aliases, description) and anchors saying what is known
-  about it (document sentences, examples) have separate thresholds; both are high, because the
-  documents about a person also describe the people and works around them, and questions about
-  those neighbours must not fire the target.
+* **embedding** — cosine similarity between the sentences of the text and the target's anchors
+  in a faiss index. Closeness to who the target is (name, aliases, description) and closeness to
+  what is known about it (document sentences, examples) have separate thresholds, both high:
+  the documents about a person also describe the people and works around them, and questions
+  about those neighbours must not fire the target.
 
-The calibrated defaults, and how they were measured on RWKU and MUSE (recall per attack type,
-false positives on neighbour questions and general instructions), are in
-`bench/detection_calibration.py`.
+Calibration (`bench/detection_calibration.py`, 10 RWKU targets and MUSE's Harry Potter, prompts
+alone) puts the defaults at about 96% recall on RWKU levels 1-2, 20-100% on level 3 by attack
+type (the low end: questions that avoid the name, "reverse query" and "synonym manipulation"),
+62% on MUSE, with 0.6% false positives on neighbour questions and 0.25% on general
+instructions. Most of what prompts miss is caught by `detect_generated` once the answer names
+the target (about 94% recall when the answer is read too).
 
 A built `TargetDetector` never changes: when targets change a new one is built (reusing the
 compiled anchors of unchanged targets through `previous=`) and swapped in whole.
@@ -28,6 +32,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Literal
 
 import faiss
@@ -47,6 +52,9 @@ _KINDS: tuple[AnchorKind, ...] = ("name", "description", "content")
 _MASK = "someone"
 """What a partial name is replaced by to ask whether the rest of the text is about the target."""
 
+_NAME_CACHE = 4096
+"""Messages whose name matches a detector remembers."""
+
 _CLASSIFIER_FLOOR = 0.5
 """A classifier below even odds is no evidence at all: it is left out of `explain`, which keeps
 the evidence list short when thousands of targets have classifiers."""
@@ -61,7 +69,7 @@ class DetectionConfig(BaseModel):
         0.68, ge=-1, le=1, description="Cosine to a name, alias or description sentence that fires a target."
     )
     content_threshold: float = Field(
-        0.90, ge=-1, le=1, description="Cosine to a document sentence or example that fires a target."
+        0.84, ge=-1, le=1, description="Cosine to a document sentence or example that fires a target."
     )
     partial_threshold: float = Field(
         0.44,
@@ -91,12 +99,12 @@ class DetectionConfig(BaseModel):
     max_content_anchors: int = Field(1024, ge=1, description="Document and example anchors kept per target.")
     query_chunk_words: int = Field(48, ge=4, description="Longest piece of a prompt embedded as one vector.")
     max_query_chunks: int = Field(16, ge=1, description="Pieces of a prompt embedded (the last ones).")
-    search_k: int = Field(64, ge=1, description="Nearest anchors fetched from the index per piece.")
+    search_k: int = Field(16, ge=1, description="Nearest anchors fetched from the index per piece.")
     hnsw_min_anchors: int = Field(
-        50_000, ge=1, description="Anchors from which an approximate HNSW index replaces exact search."
+        20_000, ge=1, description="Anchors from which an approximate HNSW index replaces exact search."
     )
-    hnsw_neighbors: int = Field(32, ge=4, description="HNSW graph degree (M).")
-    hnsw_ef_search: int = Field(128, ge=1, description="HNSW search breadth.")
+    hnsw_neighbors: int = Field(16, ge=4, description="HNSW graph degree (M).")
+    hnsw_ef_search: int = Field(64, ge=1, description="HNSW search breadth.")
     history_messages: int = Field(
         8, ge=1, description="Latest conversation messages embedded; names are matched in all of them."
     )
@@ -207,10 +215,9 @@ class TargetDetector:
         active = [target for target in targets if target.enabled]
         self._config = config
         self._embedder = embedder
-        self._compiled = compiled
         self._neutral_vectors = neutral_vectors
         self._target_ids = tuple(target.id for target in active)
-        self._names = NameIndex(
+        names = NameIndex(
             (
                 NameSource(
                     target.id,
@@ -224,6 +231,9 @@ class TargetDetector:
             config.fuzzy_two_edits_min_chars,
             config.fuzzy_single_word_min_chars,
         )
+        self._name_phrases = len(names)
+        # a conversation resends its history with every turn: each message is matched once per detector
+        self._find_names = lru_cache(maxsize=_NAME_CACHE)(lambda text: tuple(names.find(text)))
         self._slot = {target_id: slot for slot, target_id in enumerate(self._target_ids)}
         parts = [compiled[target.id] for target in active]
         sizes = [len(part.vectors) for part in parts]
@@ -233,6 +243,13 @@ class TargetDetector:
         self._index, self._vectors = self._build_index(
             np.concatenate([part.vectors for part in parts]) if parts else np.zeros((0, embedder.dimension))
         )
+        # from here on each target's vectors are read from the index, so they are held only once
+        self._compiled = {
+            target.id: replace(part, vectors=self._vectors[begin:end])
+            for target, part, begin, end in zip(
+                active, parts, self._offsets[:-1], self._offsets[1:], strict=True
+            )
+        }
         heads = [(slot, part.head) for slot, part in enumerate(parts) if part.head is not None]
         self._head_owner = np.array([slot for slot, _ in heads], dtype=np.int64)
         weights = [head.weights for _, head in heads]
@@ -288,32 +305,43 @@ class TargetDetector:
         config: DetectionConfig,
         neutral_vectors: np.ndarray | None,
     ) -> dict[str, _CompiledTarget]:
-        """Embed the anchors of all `targets` in one batch (batching is what makes encoding fast)."""
+        """Embed the anchors of all `targets`, and the examples their classifiers learn from, in one
+        batch (batching is what makes encoding fast). Examples are embedded on their own because
+        the anchors may keep only a sample of a very long target's content."""
         anchors = [target_anchors(t, config.anchor_max_words, config.max_content_anchors) for t in targets]
-        vectors = embedder.encode([anchor.text for group in anchors for anchor in group])
+        examples = [
+            target.examples if neutral_vectors is not None and cls._wants_classifier(target, config) else []
+            for target in targets
+        ]
+        texts: list[str] = []
+        for group, own in zip(anchors, examples, strict=True):
+            texts += [anchor.text for anchor in group] + own
+        vectors = embedder.encode(texts)
         compiled: dict[str, _CompiledTarget] = {}
         start = 0
-        for target, group in zip(targets, anchors, strict=True):
-            own = vectors[start : start + len(group)]
-            start += len(group)
-            head = None
-            if neutral_vectors is not None and cls._wants_classifier(target, config):
-                row = {anchor.text.casefold(): i for i, anchor in enumerate(group)}
-                positives = own[[row[example.casefold()] for example in dict.fromkeys(target.examples)]]
-                head = train_head(positives, neutral_vectors, config.classifier_l2)
+        for target, group, own in zip(targets, anchors, examples, strict=True):
+            anchor_vectors = vectors[start : start + len(group)]
+            example_vectors = vectors[start + len(group) : start + len(group) + len(own)]
+            start += len(group) + len(own)
             compiled[target.id] = _CompiledTarget(
                 fingerprint=_fingerprint(target),
-                vectors=own,
+                vectors=anchor_vectors,
                 kinds=np.array([_KINDS.index(anchor.kind) for anchor in group], dtype=np.int8),
-                head=head,
+                head=(
+                    train_head(example_vectors, neutral_vectors, config.classifier_l2)
+                    if own and neutral_vectors is not None
+                    else None
+                ),
             )
         return compiled
 
     def _build_index(self, vectors: np.ndarray) -> tuple[faiss.Index | None, np.ndarray]:
         """Exact inner-product search while it is fast enough, HNSW beyond `hnsw_min_anchors`.
 
-        The anchor vectors are kept once, inside the index: exact re-scoring of candidate targets
-        reads them through a view of the index's storage rather than a second copy.
+        The anchor vectors are kept once, inside the index: exact re-scoring of candidate targets,
+        and the next build's reuse of unchanged targets, read them through a view of the index's
+        storage rather than a second copy (which would double the largest part of the memory).
+        The view is only reachable through this detector, which keeps the index alive.
         """
         if len(vectors) == 0:
             return None, vectors.astype(np.float32)
@@ -344,32 +372,31 @@ class TargetDetector:
         return {
             "targets": len(self._target_ids),
             "anchors": len(self._vectors),
-            "name_phrases": len(self._names),
+            "name_phrases": self._name_phrases,
             "classifiers": len(self._head_owner),
             "index": type(self._index).__name__ if self._index is not None else "none",
             "index_bytes": int(faiss.serialize_index(self._index).nbytes) if self._index is not None else 0,
         }
 
     def explain(self, text: str) -> list[Evidence]:
-        """All evidence about `text`, including targets below their thresholds."""
-        return list(self._evidence(text, embed=True).values())
+        """The evidence about `text` for every target that is named in it, has an anchor at least
+        as close as the lower embedding threshold, or leans towards it by its classifier; the
+        thresholds themselves are not applied."""
+        return list(self._evidence([text], embedded=1).values())
 
     def detect(self, text: str) -> list[Detection]:
         """The targets `text` touches, strongest first."""
-        return self._decide(self._evidence(text, embed=True).values())
+        return self._decide(self._evidence([text], embedded=1).values())
 
     def detect_conversation(self, messages: Sequence[str]) -> list[Detection]:
         """The targets a conversation touches: names anywhere in it, meaning in its latest messages.
 
         Everything said earlier stays in the model's context, so a target named three turns ago
-        still governs the answer to "and what was his first novel?".
+        still governs the answer to "and what was his first novel?". Messages older than the last
+        `history_messages` count by full names and aliases only, which keeps a long conversation
+        cheap; each message is otherwise judged on its own and the strongest evidence wins.
         """
-        merged: dict[str, Evidence] = {}
-        first_embedded = len(messages) - self._config.history_messages
-        for position, message in enumerate(messages):
-            for target_id, found in self._evidence(message, embed=position >= first_embedded).items():
-                merged[target_id] = merged[target_id].merge(found) if target_id in merged else found
-        return self._decide(merged.values())
+        return self._decide(self._evidence(messages, embedded=self._config.history_messages).values())
 
     def detect_generated(self, text_so_far: str) -> list[Detection]:
         """The targets the answer has reached so far, judged on its tail only.
@@ -385,43 +412,53 @@ class TargetDetector:
         fired = [detection for found in evidence if (detection := found.decide(self._config)) is not None]
         return sorted(fired, key=lambda detection: (-detection.score, detection.target_id))
 
-    def _evidence(self, text: str, embed: bool) -> dict[str, Evidence]:
-        matches = self._names.find(text)
-        found = {match.key: Evidence(match.key, match=match) for match in matches}
-        chunks = query_chunks(text, self._config.query_chunk_words, self._config.max_query_chunks)
-        if not embed or self._index is None or not chunks:
+    def _evidence(self, texts: Sequence[str], embedded: int) -> dict[str, Evidence]:
+        """Evidence about `texts`, per target: names in all of them, meaning in the last `embedded`,
+        with one call to the embedding model for everything (it is the expensive part)."""
+        found: dict[str, Evidence] = {}
+        pieces: list[str] = []
+        query_rows: list[int] = []
+        unnamed_rows: dict[str, list[int]] = {}
+        for position, text in enumerate(texts):
+            matches = self._find_names(text)
+            for match in matches:
+                evidence = Evidence(match.key, match=match)
+                found[match.key] = found[match.key].merge(evidence) if match.key in found else evidence
+            if position < len(texts) - embedded or self._index is None:
+                continue
+            chunks = self._chunks(text)
+            query_rows += range(len(pieces), len(pieces) + len(chunks))
+            pieces += chunks
+            for match in matches:
+                if match.kind == "partial" and chunks:
+                    masked = self._chunks(f"{text[: match.span[0]]}{_MASK}{text[match.span[1] :]}")
+                    unnamed_rows.setdefault(match.key, []).extend(
+                        range(len(pieces), len(pieces) + len(masked))
+                    )
+                    pieces += masked
+        if not query_rows:
             return found
-        unnamed = {
-            match.key: query_chunks(
-                f"{text[: match.span[0]]}{_MASK}{text[match.span[1] :]}",
-                self._config.query_chunk_words,
-                self._config.max_query_chunks,
-            )
-            for match in matches
-            if match.kind == "partial"
-        }
-        vectors = self._embedder.encode(
-            [*chunks, *(piece for pieces in unnamed.values() for piece in pieces)]
-        )
-        queries = vectors[: len(chunks)]
-        _, nearest = self._index.search(queries, min(self._config.search_k, len(self._vectors)))
-        candidates = {int(slot) for slot in self._owner[nearest[nearest >= 0]]}
+        vectors = self._embedder.encode(pieces)
+        queries = vectors[query_rows]
+        similarities, nearest = self._index.search(queries, min(self._config.search_k, len(self._vectors)))
+        floor = min(self._config.identity_threshold, self._config.content_threshold)
+        candidates = {int(slot) for slot in self._owner[nearest[(nearest >= 0) & (similarities >= floor)]]}
         for slot in candidates | {self._slot[target_id] for target_id in found}:
             target_id = self._target_ids[slot]
             names, description, content = self._similarities(queries, slot)
+            unnamed = -1.0
+            if target_id in unnamed_rows:
+                _, unnamed_description, unnamed_content = self._similarities(
+                    vectors[unnamed_rows[target_id]], slot
+                )
+                unnamed = max(unnamed_description, unnamed_content)
             found[target_id] = replace(
                 found.get(target_id, Evidence(target_id)),
                 names=names,
                 description=description,
                 content=content,
+                unnamed=unnamed,
             )
-        start = len(chunks)
-        for target_id, pieces in unnamed.items():
-            _, description, content = self._similarities(
-                vectors[start : start + len(pieces)], self._slot[target_id]
-            )
-            found[target_id] = replace(found[target_id], unnamed=max(description, content))
-            start += len(pieces)
         if len(self._head_owner):
             scores = probabilities(queries, self._head_weights, self._head_biases).max(axis=0)
             for slot, score in zip(self._head_owner, scores, strict=True):
@@ -430,6 +467,9 @@ class TargetDetector:
                     evidence = found.get(target_id, Evidence(target_id))
                     found[target_id] = replace(evidence, classifier=float(score))
         return found
+
+    def _chunks(self, text: str) -> list[str]:
+        return query_chunks(text, self._config.query_chunk_words, self._config.max_query_chunks)
 
     def _similarities(self, queries: np.ndarray, slot: int) -> tuple[float, float, float]:
         """Best cosine between any of `queries` and the target's anchors, per anchor kind."""

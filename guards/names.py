@@ -141,7 +141,7 @@ class NameMatch:
     kind: MatchKind
     edits: int
     phrase: str
-    """The registered name or alias that matched (for audit records)."""
+    """The registered name or alias that matched, in whole or (partial match) in part: for audit records."""
     span: tuple[int, int]
     """Where in the text it matched (character offsets)."""
 
@@ -200,7 +200,7 @@ class NameIndex:
                 for text in (source.name, *source.aliases)
             ]
             if source.partial:
-                labelled += [(word, "partial", [word]) for word in partial_names(source.name)]
+                labelled += [(source.name, "partial", [word]) for word in partial_names(source.name)]
             for label, kind, words in labelled:
                 if not words:
                     continue
@@ -233,7 +233,7 @@ class NameIndex:
                 verdict = self._judge_partial(tokens, start, end, phrase)
                 if verdict is None:
                     continue
-                kind = verdict
+                kind, start, end = verdict
             match = NameMatch(
                 phrase.key, kind, edits, phrase.label, (tokens[start].start, tokens[end - 1].end)
             )
@@ -299,9 +299,10 @@ class NameIndex:
 
     def _judge_partial(
         self, tokens: Sequence[_Token], start: int, end: int, phrase: _Phrase
-    ) -> MatchKind | None:
+    ) -> tuple[MatchKind, int, int] | None:
         """Read the proper-name run around a partial match: the target's own longer name upgrades
-        it, someone else's (or a blank where the rest of a name should be) vetoes it."""
+        it to a full match over the whole run, someone else's (or a blank where the rest of a name
+        should be) vetoes it."""
         left = start
         while left > 0 and tokens[left].attached and _in_name_run(tokens[left - 1]):
             left -= 1
@@ -317,9 +318,9 @@ class NameIndex:
             if token.norm in phrase.name_words and token.norm not in _PARTICLES
         ]
         if len(set(positions)) >= 2 and positions == sorted(positions):
-            return "full"
+            return "full", left, right
         if all(token.norm in phrase.name_words or token.norm in _BESIDE_NAMES for token in run):
-            return "partial"
+            return "partial", start, end
         return None
 
 

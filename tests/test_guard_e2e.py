@@ -66,7 +66,12 @@ async def answers(server: LiveServer, prompts: list[str], stream: bool, **extra:
     client = openai.AsyncOpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0)
 
     async def one(prompt: str) -> str:
-        kwargs = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": 32, **extra}
+        kwargs = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 32,
+            **extra,
+        }
         if not stream:
             response = await client.chat.completions.create(**kwargs)
             return response.choices[0].message.content
@@ -122,7 +127,9 @@ def test_guard_end_to_end(server: LiveServer) -> None:
 
         # The refuse policy answers with the refusal template.
         assert client.patch(f"/admin/targets/{target_id}", json={"policy": "refuse"}).status_code == 200
-        (refused,) = asyncio.run(answers(server, ["Who wrote Carrie?"], stream=False, temperature=0))
+        (refused,) = asyncio.run(
+            answers(server, ["Tell me about Stephen King."], stream=False, temperature=0)
+        )
         assert refused.startswith("I'm sorry")
 
         # Deleting the target lifts the restriction for the next request.
