@@ -3,15 +3,12 @@ grows, the refuse policy, and the audit record of what fired."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
 from gateway.guard_service import GuardService
 from guards.index import Decision, GuardIndex
 from models.engine import Engine, GenerationOutput, GenerationRequest
-
-logger = logging.getLogger(__name__)
 
 CHECK_EVERY_CHARS = 160
 """Detection reruns on the answer each time it has grown by this much text."""
@@ -27,7 +24,7 @@ class GuardTally:
 
 
 async def refusal_stream(
-    request: GenerationRequest, text: str, encode_len: int
+    request: GenerationRequest, text: str, completion_tokens: int
 ) -> AsyncIterator[GenerationOutput]:
     """The refuse policy's answer, shaped like an engine's output so every endpoint can send it."""
     yield GenerationOutput(
@@ -36,7 +33,7 @@ async def refusal_stream(
         token_ids=(),
         logprobs=(),
         prompt_tokens=len(request.prompt_ids),
-        completion_tokens=encode_len,
+        completion_tokens=completion_tokens,
         finish_reason="stop",
     )
 
