@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from gateway.errors import APIError
 from gateway.store import Store
@@ -17,6 +18,7 @@ from guards.targets import Target
 from models.engine import Engine
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 POLL_SECONDS = 0.5
 """How often a replica checks the store for changes made elsewhere (changes made through this
@@ -115,16 +117,17 @@ class GuardService:
     async def check_conversation(index: GuardIndex, messages: Sequence[str]) -> Decision:
         if index.detector is None:
             return index.decide(())
-        try:
-            return await asyncio.to_thread(index.check_conversation, messages)
-        except Exception as error:
-            logger.exception("prompt detection failed")
-            raise GuardFailure(error) from error
+        return await _fail_closed(index.check_conversation, messages)
 
     @staticmethod
     async def check_generated(index: GuardIndex, text: str) -> Decision:
-        try:
-            return await asyncio.to_thread(index.check_generated, text)
-        except Exception as error:
-            logger.exception("detection on generated text failed")
-            raise GuardFailure(error) from error
+        return await _fail_closed(index.check_generated, text)
+
+
+async def _fail_closed(check: Callable[[T], Decision], subject: T) -> Decision:
+    """Run a detection off the event loop; any failure becomes a GuardFailure (no unguarded answer)."""
+    try:
+        return await asyncio.to_thread(check, subject)
+    except Exception as error:
+        logger.exception("detection failed")
+        raise GuardFailure(error) from error
