@@ -84,7 +84,7 @@ each batch row; returns replacement hidden states or None to leave them unchange
 
 
 class HookHandle(Protocol):
-    def remove(self) -> None: ...
+    async def remove(self) -> None: ...
 
 
 class Engine(Protocol):
@@ -115,4 +115,6 @@ class Engine(Protocol):
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         """Stream a request's increments; leaving the iterator early aborts the generation."""
 
-    def add_layer_hook(self, layer_index: int, hook: LayerHook) -> HookHandle: ...
+    async def add_layer_hook(self, layer_index: int, hook: LayerHook) -> HookHandle:
+        """Run `hook` on a decoder layer's output from the next forward pass on. The vLLM engine
+        runs it in its worker process: the hook must pickle (cloudpickle) and runs in eager mode only."""

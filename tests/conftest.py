@@ -22,7 +22,7 @@ def embedded_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(embedded_model_dir: Path) -> Path:
-    return build_tiny_model(embedded_model_dir, TEST_HOME / "models" / "tiny-random-llama")
+    return build_tiny_model(embedded_model_dir, TEST_HOME / "models" / "tiny-random-llama-h32")
 
 
 @pytest.fixture(scope="session")
