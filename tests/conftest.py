@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.engines import require_vllm
 from tests.support.paths import TEST_HOME
 from tests.support.server import LiveServer, start_server
 from tests.support.tiny_model import build_tiny_model
@@ -43,3 +44,25 @@ def embedded_server(
     )
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def embedded_vllm_server(
+    embedded_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    """`lethe serve --engine vllm` on the real embedded SmolLM2-135M-Instruct."""
+    require_vllm()
+    server = start_server(
+        embedded_model_dir,
+        TEST_HOME,
+        tmp_path_factory.mktemp("logs") / "embedded-vllm-server.log",
+        LETHE_ENGINE="vllm",
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module", params=["hf", "vllm"])
+def embedded_any_server(request: pytest.FixtureRequest) -> LiveServer:
+    """The embedded model served by each engine in turn."""
+    return request.getfixturevalue("embedded_server" if request.param == "hf" else "embedded_vllm_server")

@@ -1,5 +1,5 @@
-"""The real `openai` client against `lethe serve` on the real embedded model, responses checked against
-the official OpenAI API description."""
+"""The real `openai` client against `lethe serve` on the real embedded model, on each engine,
+responses checked against the official OpenAI API description."""
 
 from __future__ import annotations
 
@@ -16,11 +16,13 @@ FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def client(embedded_server: LiveServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=embedded_server.base_url, api_key=embedded_server.api_key, max_retries=0)
+def client(embedded_any_server: LiveServer) -> openai.OpenAI:
+    server = embedded_any_server
+    return openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0)
 
 
-def test_models_list(client: openai.OpenAI, embedded_server: LiveServer) -> None:
+def test_models_list(client: openai.OpenAI, embedded_any_server: LiveServer) -> None:
+    embedded_server = embedded_any_server
     models = client.models.list()
     assert [m.id for m in models.data] == ["SmolLM2-135M-Instruct"]
     raw = httpx.get(f"{embedded_server.base_url}/models", headers=embedded_server.headers()).json()

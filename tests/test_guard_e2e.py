@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+from tests.support.engines import require_vllm
 from tests.support.paths import TEST_HOME
 from tests.support.server import LiveServer, start_server
 
@@ -49,11 +50,18 @@ def leaks(text: str) -> list[str]:
     return [f for f in FORBIDDEN if normalised(f) in normalised(text)]
 
 
-@pytest.fixture(scope="module")
-def server(embedded_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+@pytest.fixture(scope="module", params=["hf", "vllm"])
+def server(
+    request: pytest.FixtureRequest, embedded_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    """A fresh registry per engine: with vLLM the plan is applied inside vLLM's worker."""
+    if request.param == "vllm":
+        require_vllm()
     home = tmp_path_factory.mktemp("guard-home")
     (home / "models").symlink_to(TEST_HOME / "models")
-    live = start_server(embedded_model_dir, home, home / "server.log", LETHE_ADMIN_KEY=ADMIN)
+    live = start_server(
+        embedded_model_dir, home, home / "server.log", LETHE_ADMIN_KEY=ADMIN, LETHE_ENGINE=request.param
+    )
     yield live
     live.stop()
 
