@@ -182,10 +182,11 @@ def main() -> None:
             LETHE_WORKER="false",
         )
         print(f"lethe serve --engine vllm ready in {time.perf_counter() - started:.0f} s", flush=True)
-        started = time.perf_counter()
-        peer = start_peer(model_dir, lethe.model, home / "peer.log", args.peer_compiled, args.max_seqs)
-        print(f"vllm serve ready in {time.perf_counter() - started:.0f} s", flush=True)
+        peer: LiveServer | None = None
         try:
+            started = time.perf_counter()
+            peer = start_peer(model_dir, lethe.model, home / "peer.log", args.peer_compiled, args.max_seqs)
+            print(f"vllm serve ready in {time.perf_counter() - started:.0f} s", flush=True)
             for server in (lethe, peer):  # warm-up
                 asyncio.run(gateway_run(server, plain[:2], 4))
             # Nothing registered yet: the sweep and the unfired workload.
@@ -209,7 +210,8 @@ def main() -> None:
                 print(f"repeat {repeat + 1}/{args.repeats} (fired) done", flush=True)
         finally:
             lethe.stop()
-            peer.stop()
+            if peer is not None:
+                peer.stop()
 
     peer_mode = "compiled" if args.peer_compiled else "eager"
     print()
