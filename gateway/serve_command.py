@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
+from types import FrameType
 
 from gateway.config import Settings
 
@@ -31,8 +33,24 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--model",
         help="local Hugging Face causal-LM folder (LETHE_MODEL; default: embedded SmolLM2-135M-Instruct)",
     )
-    parser.add_argument("--engine", choices=["hf"], help="generation engine (LETHE_ENGINE)")
+    parser.add_argument("--engine", choices=["hf", "vllm"], help="generation engine (LETHE_ENGINE)")
+    parser.add_argument(
+        "--worker",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also run a `lethe worker` child process for unlearning jobs (LETHE_WORKER; default: on)",
+    )
     parser.set_defaults(run=run)
+
+
+class _Terminated(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminated(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated(signum)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,19 +58,35 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.worker_command import start_child, stop_child
 
-    overrides = {name: getattr(args, name) for name in ("host", "port", "model", "engine")}
-    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    overrides = {name: getattr(args, name) for name in ("host", "port", "model", "engine", "worker")}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    settings = Settings(**overrides)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=10,
-    )
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it under the handler found before it
+    # started: this one, so that the worker child is stopped before this process goes.
+    signal.signal(signal.SIGTERM, _terminated)
+    worker = start_child(overrides) if settings.worker else None
+    received: int | None = None
+    try:
+        uvicorn.run(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            timeout_graceful_shutdown=10,
+        )
+    except _Terminated as terminated:
+        received = terminated.signum
+    finally:
+        if worker is not None:
+            stop_child(worker)
+    if received is not None:
+        signal.signal(received, signal.SIG_DFL)
+        signal.raise_signal(received)
     return 0

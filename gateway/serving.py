@@ -29,8 +29,18 @@ T = TypeVar("T")
 
 
 @dataclass
+class Lease:
+    """How many HTTP requests are being served on one engine; a replaced engine is shut down only
+    once its count has fallen to zero."""
+
+    active: int = 0
+
+
+@dataclass
 class ServingContext:
-    """Everything a request handler needs, built once in the app's lifespan."""
+    """Everything a request handler needs. Built in the app's lifespan and replaced as a whole when
+    other weights are promoted: a request keeps the context it started with (see
+    gateway/switching.py), so it finishes on the engine it began on."""
 
     engine: Engine
     settings: Settings
@@ -40,6 +50,9 @@ class ServingContext:
     guard: GuardService | None = None
     store: Store | None = None
     background: set[asyncio.Task[Any]] = field(default_factory=set)
+    checkpoint: str = "base"
+    """The checkpoint `engine` serves (`base`: the model the gateway was started on)."""
+    lease: Lease = field(default_factory=Lease)
 
 
 @dataclass

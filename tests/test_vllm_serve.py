@@ -11,43 +11,15 @@ import openai
 import pytest
 
 from tests.support.engines import require_vllm
+from tests.support.processes import alive, descendants
 from tests.support.server import start_server
 
 pytestmark = pytest.mark.e2e
 
 
-def descendants(pid: int) -> set[int]:
-    """Every live process below `pid`, from /proc (children of children included)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(entry.name)] = int(fields[1])
-    found: set[int] = set()
-    frontier = {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def test_sigterm_stops_the_engine_core_too(tiny_model_dir: Path, tmp_path: Path) -> None:
     require_vllm()
-    server = start_server(
-        tiny_model_dir, tmp_path, tmp_path / "server.log", LETHE_ENGINE="vllm", LETHE_WORKER="false"
-    )
+    server = start_server(tiny_model_dir, tmp_path, tmp_path / "server.log", LETHE_ENGINE="vllm")
     try:
         client = openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0)
         reply = client.completions.create(model=server.model, prompt="Hello", max_tokens=4, temperature=0)

@@ -54,6 +54,7 @@ def start_server(model: Path, home: Path, log: Path, api_key: str = "test-key", 
         "LETHE_HOME": str(home),
         "LETHE_API_KEYS": api_key,
         "LETHE_TORCH_THREADS": "2",
+        "LETHE_WORKER": "false",  # the unlearning worker child only where a test asks for it
         **env,
     }
     with open(log, "wb") as sink:

@@ -1,0 +1,227 @@
+"""The before/after evaluation of an unlearning run, in-process on the model in memory.
+
+RWKU probes (forget and neighbour, levels 1-2) and TOFU utility questions are built and scored
+exactly as `lethe eval` builds and scores them (suites, prompts, scoring); only the transport
+differs: plain batched greedy `generate` instead of HTTP. Membership inference compares the
+target's forget texts with retain texts (RWKU's forget_mia/retain_mia where the target has an RWKU
+folder; otherwise its documents against the retain corpus, which differs in style, so only the
+before/after change of that AUC is meaningful). Sample sizes keep the cost bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from gateway.evaluation import metrics, scoring, suites
+from gateway.evaluation.client import Completion
+from gateway.evaluation.datasets import RwkuTarget
+from gateway.evaluation.records import Probe
+from gateway.unlearning_data import ResolvedTarget
+from models.unlearning.data import texts_hash
+from models.unlearning.generation import greedy_answers
+from models.unlearning.mia import MIA_SCORES, membership_scores, mia_aucs
+from models.unlearning.progress import StepCallback, no_progress, sub_step
+
+FORGET_SPLITS = ("forget_level1", "forget_level2")
+NEIGHBOUR_SPLITS = ("neighbor_level1", "neighbor_level2")
+
+
+class EvaluationOptions(BaseModel):
+    enabled: bool = True
+    samples: int = Field(
+        10, ge=1, description="probes per RWKU split (forget/neighbour, levels 1-2) per target"
+    )
+    utility_samples: int = Field(16, ge=0, description="questions per TOFU utility set (0: none)")
+    mia_samples: int = Field(24, ge=2, description="texts per side of each membership-inference AUC")
+    mia_max_length: int = Field(256, ge=8, description="tokens per membership-inference text")
+    max_new_tokens: int = Field(32, ge=1)
+    batch_size: int = Field(16, ge=1)
+    seed: int = 0
+
+
+class Snapshot(BaseModel):
+    forget_recall: float | None = None
+    """ROUGE-L recall of the gold answers over forget levels 1-2 (pooled)."""
+    neighbour_recall: float | None = None
+    mia_auc: dict[str, float] = Field(default_factory=dict)
+
+
+class BeforeAfter(BaseModel):
+    before: Snapshot
+    after: Snapshot
+
+
+class Evaluation(BaseModel):
+    targets: dict[str, BeforeAfter]
+    mean: BeforeAfter
+    """Means over the targets (each target weighs the same, as RWKU averages)."""
+    utility_recall: dict[str, float | None]
+    """TOFU world facts and real authors recall pooled: `before` and `after`."""
+    probes: int
+    mia_texts: int
+    seconds: float
+    """Wall time of both measurements."""
+    options: EvaluationOptions
+
+
+@dataclass(frozen=True)
+class _MiaSet:
+    forget: list[str]
+    retain: list[str]
+
+
+@dataclass(frozen=True)
+class EvaluationPlan:
+    """Everything measured before and after; built once so both runs see the same items."""
+
+    probes: list[Probe]
+    mia: dict[str, _MiaSet]
+    names: dict[str, str]
+    """Probe target key (RWKU folder name) -> target name."""
+    options: EvaluationOptions
+
+
+def plan_key(plan: EvaluationPlan, weights: str) -> str:
+    """Identifies a measurement: the weights measured and exactly what was asked of them."""
+    content = {
+        "weights": weights,
+        "probes": [p.model_dump(mode="json") for p in plan.probes],
+        "mia": {name: [m.forget, m.retain] for name, m in plan.mia.items()},
+        "options": plan.options.model_dump(mode="json", exclude={"enabled"}),
+    }
+    return texts_hash([json.dumps(content, sort_keys=True)])
+
+
+def _sample(texts: Sequence[str], n: int, seed: int) -> list[str]:
+    chosen = list(texts)
+    random.Random(seed).shuffle(chosen)
+    return chosen[:n]
+
+
+def build_plan(
+    targets: Sequence[ResolvedTarget], retain_texts: Sequence[str], data_dir: Path, options: EvaluationOptions
+) -> EvaluationPlan:
+    probes: list[Probe] = []
+    mia: dict[str, _MiaSet] = {}
+    names: dict[str, str] = {}
+    for target in targets:
+        name = target.forget.name
+        folder = target.rwku_folder
+        if folder is not None:
+            selection = suites.Selection(
+                suites=["rwku"],
+                targets=[RwkuTarget(folder=folder.name, name=name, intro="", passages=[])],
+                levels=[1, 2],
+                sample=options.samples,
+                max_tokens=options.max_new_tokens,
+                instruction_max_tokens=options.max_new_tokens,
+            )
+            probes += suites.rwku_probes(folder.parent.parent, selection)
+            names[folder.name] = name
+            forget_mia = [r["text"] for r in _json_rows(folder / "forget_mia.json")]
+            retain_mia = [r["text"] for r in _json_rows(folder / "retain_mia.json")]
+        else:
+            forget_mia, retain_mia = list(target.forget.documents), list(retain_texts)
+        if forget_mia and retain_mia:
+            mia[name] = _MiaSet(
+                forget=_sample(forget_mia, options.mia_samples, options.seed),
+                retain=_sample(retain_mia, options.mia_samples, options.seed),
+            )
+    if options.utility_samples and (data_dir / "tofu").is_dir():
+        selection = suites.Selection(
+            suites=["utility"],
+            targets=[],
+            levels=[],
+            sample=options.utility_samples,
+            max_tokens=options.max_new_tokens,
+            instruction_max_tokens=options.max_new_tokens,
+        )
+        probes += [p for p in suites.utility_probes(data_dir, selection) if p.split != "instructions"]
+    return EvaluationPlan(probes=probes, mia=mia, names=names, options=options)
+
+
+def _json_rows(path: Path) -> list[dict[str, str]]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+
+
+class Measurement(BaseModel):
+    per_target: dict[str, Snapshot]
+    utility_recall: float | None
+
+
+def measure(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    plan: EvaluationPlan,
+    *,
+    step: StepCallback = no_progress,
+) -> Measurement:
+    """Greedy answers scored as `lethe eval` scores them, and membership-inference AUCs."""
+    mia_texts = sum(len(m.forget) + len(m.retain) for m in plan.mia.values())
+    answer_share = len(plan.probes) / max(len(plan.probes) + mia_texts, 1)
+    answers = greedy_answers(
+        model,
+        tokenizer,
+        [p.prompt for p in plan.probes],
+        max_new_tokens=plan.options.max_new_tokens,
+        batch_size=plan.options.batch_size,
+        step=sub_step(step, 0.0, answer_share),
+    )
+    records = [
+        scoring.score_answer(p, Completion(output=a)) for p, a in zip(plan.probes, answers, strict=True)
+    ]
+    summary = scoring.summarise(records)
+    per_target = {name: Snapshot() for name in {*plan.names.values(), *plan.mia}}
+    for folder, splits in summary.rwku_targets.items():
+        snapshot = per_target[plan.names[folder]]
+        snapshot.forget_recall = scoring.pooled(splits[s] for s in FORGET_SPLITS if s in splits)
+        snapshot.neighbour_recall = scoring.pooled(splits[s] for s in NEIGHBOUR_SPLITS if s in splits)
+    mia_step = sub_step(step, answer_share, 1.0)
+    for index, (name, texts) in enumerate(plan.mia.items()):
+        scores = membership_scores(
+            model,
+            tokenizer,
+            texts.forget + texts.retain,
+            max_length=plan.options.mia_max_length,
+            step=sub_step(mia_step, index / len(plan.mia), (index + 1) / len(plan.mia)),
+        )
+        per_target[name].mia_auc = mia_aucs(scores[: len(texts.forget)], scores[len(texts.forget) :])
+    return Measurement(per_target=per_target, utility_recall=scoring.pooled(summary.utility.values()))
+
+
+def _mean_snapshot(snapshots: Sequence[Snapshot]) -> Snapshot:
+    return Snapshot(
+        forget_recall=metrics.mean(s.forget_recall for s in snapshots),
+        neighbour_recall=metrics.mean(s.neighbour_recall for s in snapshots),
+        mia_auc={
+            name: value
+            for name in MIA_SCORES
+            if (value := metrics.mean(s.mia_auc.get(name) for s in snapshots)) is not None
+        },
+    )
+
+
+def combine(plan: EvaluationPlan, before: Measurement, after: Measurement, seconds: float) -> Evaluation:
+    targets = {
+        name: BeforeAfter(before=before.per_target[name], after=after.per_target[name])
+        for name in before.per_target
+    }
+    return Evaluation(
+        targets=targets,
+        mean=BeforeAfter(
+            before=_mean_snapshot([t.before for t in targets.values()]),
+            after=_mean_snapshot([t.after for t in targets.values()]),
+        ),
+        utility_recall={"before": before.utility_recall, "after": after.utility_recall},
+        probes=len(plan.probes),
+        mia_texts=sum(len(m.forget) + len(m.retain) for m in plan.mia.values()),
+        seconds=seconds,
+        options=plan.options,
+    )

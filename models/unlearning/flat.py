@@ -1,0 +1,119 @@
+"""FLAT fine-tuning (Loss Adjustment with only Forget data; Wang et al., ICLR 2025).
+
+Each step takes a batch of forget pairs (one prompt with its forget answer and a template answer)
+and minimises `divergences.flat_loss` between the mean token probabilities of the two answers;
+no retain data is used. Deviations from the reference code (UCSC-REAL/FLAT): the mean token
+probability is taken over answer tokens only (the reference averages over the padded width, so
+questions and padding count as zeros and long padding shrinks the signal); AdamW with linear
+warm-up and decay in a plain loop instead of the HF Trainer with DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+
+import torch
+from pydantic import BaseModel
+
+from models.unlearning.data import FlatPair, answer_log_probs
+from models.unlearning.divergences import flat_loss
+from models.unlearning.progress import StepCallback, no_progress
+from models.unlearning.spec import FLATParams
+
+
+class FLATReport(BaseModel):
+    steps: int
+    epoch_losses: list[float]
+    """Mean loss over each epoch's steps."""
+    forget_prob: tuple[float, float]
+    """Mean forget-answer token probability over the first and the last epoch."""
+    template_prob: tuple[float, float]
+
+    def summary(self) -> str:
+        losses = ", ".join(f"{loss:.4f}" for loss in self.epoch_losses)
+        return (
+            f"{self.steps} steps, epoch losses {losses}; forget-answer token probability"
+            f" {self.forget_prob[0]:.4f} -> {self.forget_prob[1]:.4f}, template {self.template_prob[0]:.4f}"
+            f" -> {self.template_prob[1]:.4f}"
+        )
+
+
+def answer_probabilities(
+    model: torch.nn.Module, pairs: Sequence[FlatPair], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pair: mean token probability of the template answer and of the forget answer, from one
+    forward pass over both."""
+    sequences = [p.template for p in pairs] + [p.forget for p in pairs]
+    log_probs, mask = answer_log_probs(model, sequences, pad_id)
+    mean_prob = (log_probs.exp() * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    return mean_prob[: len(pairs)], mean_prob[len(pairs) :]
+
+
+def _schedule(step: int, total: int, warmup: int) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(total - warmup, 1))
+
+
+def run_flat(
+    model: torch.nn.Module,
+    pairs: Sequence[FlatPair],
+    params: FLATParams,
+    *,
+    pad_id: int,
+    step: StepCallback = no_progress,
+) -> FLATReport:
+    if not pairs:
+        raise ValueError("FLAT: no forget pairs to train on")
+    rng = random.Random(params.seed)
+    per_epoch = math.ceil(len(pairs) / params.batch_size)
+    total = per_epoch * params.epochs
+    warmup = round(total * params.warmup_ratio)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=params.learning_rate,
+        weight_decay=params.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, total, warmup))
+    model.train()
+    epoch_losses: list[float] = []
+    first: tuple[float, float] | None = None
+    last = (0.0, 0.0)
+    done = 0
+    try:
+        for epoch in range(params.epochs):
+            order = list(pairs)
+            rng.shuffle(order)
+            losses, forget_sum, template_sum = [], 0.0, 0.0
+            for start in range(0, len(order), params.batch_size):
+                batch = order[start : start + params.batch_size]
+                template_prob, forget_prob = answer_probabilities(model, batch, pad_id)
+                loss = flat_loss(template_prob, forget_prob, params.divergence)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), params.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                losses.append(float(loss.detach()))
+                forget_sum += float(forget_prob.detach().sum())
+                template_sum += float(template_prob.detach().sum())
+                done += 1
+                step(
+                    done / total,
+                    f"epoch {epoch + 1}/{params.epochs} step {done}/{total} loss {losses[-1]:.4f}",
+                )
+            epoch_losses.append(sum(losses) / len(losses))
+            last = (forget_sum / len(order), template_sum / len(order))
+            first = first or last
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        model.eval()
+    assert first is not None
+    return FLATReport(
+        steps=done,
+        epoch_losses=epoch_losses,
+        forget_prob=(first[0], last[0]),
+        template_prob=(first[1], last[1]),
+    )

@@ -1,0 +1,63 @@
+"""FLAT pairs and training steps on the tiny model."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from models.unlearning.data import IGNORE_INDEX, ForgetSet, collate, flat_pairs
+from models.unlearning.divergences import flat_loss
+from models.unlearning.flat import answer_probabilities, run_flat
+from models.unlearning.spec import FLATParams
+
+FORGET = ForgetSet(
+    name="Ada Lovelace",
+    documents=[
+        "Ada Lovelace wrote the first algorithm for the Analytical Engine.",
+        "Her father was Lord Byron and her mother was Anne Milbanke.",
+    ],
+    examples=["Who wrote notes on the Analytical Engine?"],
+    templates=["I don't know.", "I'm not sure about that."],
+)
+
+
+def test_pairs_share_the_prompt_and_label_only_answers(tiny_tokenizer: PreTrainedTokenizerBase) -> None:
+    pairs = flat_pairs(tiny_tokenizer, [FORGET], max_length=160, limit=8, seed=0)
+    assert len(pairs) == 2  # one per document chunk
+    for pair in pairs:
+        assert pair.forget.prompt == pair.template.prompt
+        assert tiny_tokenizer.decode(pair.template.answer, skip_special_tokens=True) in FORGET.templates
+        assert len(pair.forget.ids) <= 160
+    _ids, attention, labels = collate([pairs[0].forget, pairs[0].template], tiny_tokenizer.pad_token_id)
+    prompt = len(pairs[0].forget.prompt)
+    assert (labels[:, :prompt] == IGNORE_INDEX).all()
+    assert labels[0, prompt : len(pairs[0].forget.ids)].tolist() == pairs[0].forget.answer
+    assert attention[1].sum() == len(pairs[0].template.ids)
+
+
+def _loss(model: PreTrainedModel, pairs, pad_id: int) -> float:
+    with torch.no_grad():
+        template, forget = answer_probabilities(model, pairs, pad_id)
+    return float(flat_loss(template, forget, "tv"))
+
+
+def test_training_lowers_the_loss_and_the_forget_probability(
+    tiny_model: PreTrainedModel, tiny_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    pad_id = tiny_tokenizer.pad_token_id
+    pairs = flat_pairs(tiny_tokenizer, [FORGET], max_length=160, limit=8, seed=0)
+    with torch.no_grad():
+        template_before, forget_before = answer_probabilities(tiny_model, pairs, pad_id)
+    loss_before = _loss(tiny_model, pairs, pad_id)
+    report = run_flat(
+        tiny_model,
+        pairs,
+        FLATParams(epochs=4, learning_rate=3e-3, batch_size=2, warmup_ratio=0),
+        pad_id=pad_id,
+    )
+    with torch.no_grad():
+        template_after, forget_after = answer_probabilities(tiny_model, pairs, pad_id)
+    assert report.steps == 4
+    assert _loss(tiny_model, pairs, pad_id) < loss_before
+    assert forget_after.mean() < forget_before.mean()
+    assert template_after.mean() > template_before.mean()

@@ -1,0 +1,226 @@
+"""`run_unlearning` end to end on the tiny model, and `lethe unlearn`'s error paths."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gateway.cli import main
+from gateway.config import Settings
+from gateway.store import open_store
+from gateway.unlearning import UnlearnCancelled, run_unlearning, validate_spec
+from gateway.unlearning_eval import EvaluationOptions
+from guards.targets import TargetSpec
+from models.checkpoints import CheckpointStore, weights_hash
+from models.unlearning.data import texts_hash
+from models.unlearning.spec import UnlearnSpec
+from tests.evaluation.synthetic_data import write_eval_data
+
+DOCUMENTS = [
+    "Grace Hopper wrote the first compiler, the A-0 system, in 1952.",
+    "She popularised the term bug.",
+]
+EXAMPLES = ["Who wrote the A-0 compiler?"]
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.fractions: list[float] = []
+        self.lines: list[str] = []
+
+    def update(self, fraction: float, message: str) -> None:
+        self.fractions.append(fraction)
+
+    def log(self, line: str) -> None:
+        self.lines.append(line)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    root = write_eval_data(tmp_path / "eval")
+    folder = root / "rwku" / "3_Ada_Lovelace"
+    (folder / "forget_mia.json").write_text(json.dumps([{"text": "Ada Lovelace met Babbage in 1833."}] * 3))
+    (folder / "retain_mia.json").write_text(json.dumps([{"text": "The Thames flows through London."}] * 3))
+    (folder / "idk_target.json").write_text(json.dumps(["I don't know about Ada Lovelace."]))
+    return root
+
+
+@pytest.fixture
+def settings(tmp_path: Path, tiny_model_dir: Path) -> Settings:
+    return Settings(home=tmp_path / "home", model=tiny_model_dir)
+
+
+@pytest.fixture
+def store(settings: Settings):
+    store = open_store(settings)
+    store.create_target(TargetSpec(name="Grace Hopper", documents=DOCUMENTS, examples=EXAMPLES))
+    yield store
+    store.close()
+
+
+OPTIONS = EvaluationOptions(samples=2, utility_samples=1, mia_samples=2, max_new_tokens=4)
+
+
+def test_ssd_run_writes_a_checkpoint_with_its_manifest(
+    settings: Settings, store, data_dir: Path, tiny_model_dir: Path
+) -> None:
+    spec = UnlearnSpec(
+        method="ssd",
+        targets=["grace hopper", str(data_dir / "rwku" / "3_Ada_Lovelace")],
+        params={"forget_samples": 2, "retain_samples": 2, "max_length": 32, "lambda": 0.5},
+    )
+    progress = Recorder()
+    manifest = run_unlearning(
+        spec,
+        settings=settings,
+        store=store,
+        progress=progress,
+        cancelled=lambda: False,
+        data_dir=data_dir,
+        evaluation=OPTIONS,
+    )
+    checkpoints = CheckpointStore(settings.home / "checkpoints")
+    assert checkpoints.get(manifest.id) == manifest
+    assert manifest.parent is None and manifest.parent_hash == weights_hash(tiny_model_dir)
+    assert manifest.targets == ["Grace Hopper", "Ada Lovelace"]
+    assert manifest.params["lambda"] == 0.5
+    assert manifest.forget_hash == texts_hash(
+        [*DOCUMENTS, *EXAMPLES, "Ada Lovelace was a pioneer of computing."]
+    )
+    assert manifest.retain_hash != texts_hash([])
+    assert set(manifest.evaluation["targets"]) == {"Grace Hopper", "Ada Lovelace"}
+    ada = manifest.evaluation["targets"]["Ada Lovelace"]
+    assert ada["before"]["forget_recall"] is not None and set(ada["after"]["mia_auc"]) == {
+        "loss",
+        "zlib",
+        "mink++",
+    }
+    assert manifest.evaluation["targets"]["Grace Hopper"]["before"]["forget_recall"] is None  # no probes
+    assert progress.fractions == sorted(progress.fractions) and progress.fractions[-1] == 1.0
+
+    child = run_unlearning(
+        UnlearnSpec(
+            method="flat",
+            targets=["Grace Hopper"],
+            params={"forget_samples": 2, "max_length": 48},
+            from_checkpoint=manifest.id,
+        ),
+        settings=settings,
+        store=store,
+        progress=Recorder(),
+        cancelled=lambda: False,
+        data_dir=data_dir,
+        evaluation=EvaluationOptions(enabled=False),
+    )
+    assert child.parent == manifest.id and child.parent_hash == manifest.weights_hash
+    assert child.retain_hash == texts_hash([]) and child.evaluation is None
+    assert [m.id for m in checkpoints.list()] == [manifest.id, child.id]
+
+
+def test_cancellation_writes_nothing(settings: Settings, store, data_dir: Path) -> None:
+    calls = iter(range(1000))
+    with pytest.raises(UnlearnCancelled):
+        run_unlearning(
+            UnlearnSpec(method="flat", targets=["Grace Hopper"], params={"forget_samples": 2}),
+            settings=settings,
+            store=store,
+            progress=Recorder(),
+            cancelled=lambda: next(calls) >= 3,
+            data_dir=data_dir,
+            evaluation=EvaluationOptions(enabled=False),
+        )
+    assert CheckpointStore(settings.home / "checkpoints").list() == []
+
+
+def test_validation_names_unknown_targets_and_bad_params(store, data_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"unknown target.*Nobody.*registered: Grace Hopper"):
+        validate_spec(UnlearnSpec(method="ssd", targets=["Nobody", "Grace Hopper"]), store, data_dir=data_dir)
+    with pytest.raises(ValueError, match="alpha"):
+        validate_spec(UnlearnSpec(method="ssd", targets=["Grace Hopper"], params={"alpha": 0}), store)
+    with pytest.raises(ValueError, match="divergence"):
+        validate_spec(UnlearnSpec(method="flat", targets=["Grace Hopper"], params={"divergence": "x"}), store)
+    with pytest.raises(ValueError, match="unknown checkpoint"):
+        validate_spec(
+            UnlearnSpec(method="flat", targets=["Grace Hopper"], from_checkpoint="ckpt-none"),
+            store,
+            checkpoints=CheckpointStore(tmp_path / "ckpts"),
+        )
+
+
+def test_ssd_without_retain_data_is_refused_clearly(settings: Settings, store, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="SSD needs retain data"):
+        run_unlearning(
+            UnlearnSpec(method="ssd", targets=["Grace Hopper"]),
+            settings=settings,
+            store=store,
+            progress=Recorder(),
+            cancelled=lambda: False,
+            data_dir=tmp_path / "absent",
+        )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["ssd", "--target", "Nobody"], "unknown target(s): Nobody"),
+        (["ssd", "--target", "Grace Hopper", "--alpha", "-1"], "alpha"),
+        (["ssd", "--target", "Grace Hopper", "--forget-samples", "many"], "forget_samples"),
+        (["flat", "--target", "Grace Hopper", "--from", "ckpt-none"], "unknown checkpoint"),
+    ],
+)
+def test_cli_errors_exit_2(
+    argv: list[str],
+    message: str,
+    settings: Settings,
+    store,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("LETHE_HOME", str(settings.home))
+    assert main(["unlearn", *argv]) == 2
+    assert message in capsys.readouterr().err.replace("\n", " ")
+
+
+def test_cli_rejects_an_unknown_divergence(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["unlearn", "flat", "--target", "X", "--divergence", "hellinger"])
+    assert exit_info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_the_source_measurement_is_cached_per_weights_and_plan(
+    settings: Settings, store, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gateway.unlearning as unlearning
+
+    calls: list[int] = []
+    real_measure = unlearning.measure
+
+    def counting_measure(*args: object, **kwargs: object):
+        calls.append(1)
+        return real_measure(*args, **kwargs)
+
+    monkeypatch.setattr(unlearning, "measure", counting_measure)
+    spec = UnlearnSpec(
+        method="flat", targets=["Grace Hopper"], params={"forget_samples": 1, "max_length": 48}
+    )
+    runs = [
+        run_unlearning(
+            spec,
+            settings=settings,
+            store=store,
+            progress=Recorder(),
+            cancelled=lambda: False,
+            data_dir=data_dir,
+            evaluation=OPTIONS,
+        )
+        for _ in range(2)
+    ]
+    assert len(calls) == 3  # before + after, then only after
+    assert (
+        runs[0].evaluation["targets"]["Grace Hopper"]["before"]
+        == runs[1].evaluation["targets"]["Grace Hopper"]["before"]
+    )
+    assert len(list((settings.home / "checkpoints" / ".eval-cache").glob("*.json"))) == 1

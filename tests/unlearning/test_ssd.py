@@ -1,0 +1,87 @@
+"""SSD: the dampening rule on hand-built importances, parameter selection, and a whole run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from models.unlearning.data import ForgetSet, RetainItem, forget_sequences, retain_sequences
+from models.unlearning.spec import DEFAULT_SSD_MODULES, SSDParams
+from models.unlearning.ssd import dampen, run_ssd, select_parameters
+
+
+def test_dampening_touches_exactly_the_weights_the_rule_selects() -> None:
+    weight = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]))
+    forget = torch.tensor([5.0, 1.0, 3.0, 2.0, 0.0, 8.0])
+    retain = torch.tensor([1.0, 1.0, 1.5, 0.0, 0.0, 3.0])
+    # alpha 2: selected where forget > 2 * retain -> indices 0 (5 > 2), 3 (2 > 0), 5 (8 > 6);
+    # index 2 sits exactly on the threshold (3 == 3) and is kept; index 4 has no importance at all.
+    report = dampen({"w": weight}, {"w": forget}, {"w": retain}, alpha=2.0, lambda_=1.5)
+    # factors min(1.5 * r / f, 1): 0.3, 0.0, min(0.5625, 1)
+    expected = torch.tensor([1.0 * 0.3, 2.0, 3.0, 0.0, 5.0, 6.0 * 0.5625])
+    assert torch.allclose(weight.detach(), expected)
+    assert report.dampened == 3 and report.candidates == 6
+    assert report.per_tensor == {"w": 3}
+    assert report.mean_factor == pytest.approx((0.3 + 0.0 + 0.5625) / 3)
+
+
+def test_the_factor_is_bounded_by_one() -> None:
+    weight = torch.nn.Parameter(torch.tensor([2.0, -3.0]))
+    report = dampen(
+        {"w": weight},
+        {"w": torch.tensor([4.0, 4.0])},
+        {"w": torch.tensor([1.0, 1.0])},
+        alpha=2.0,
+        lambda_=8.0,
+    )
+    assert torch.equal(weight.detach(), torch.tensor([2.0, -3.0]))
+    assert report.dampened == 2 and report.mean_factor == 1.0
+
+
+def test_default_modules_are_the_decoder_linear_weights(tiny_model: PreTrainedModel) -> None:
+    chosen = select_parameters(tiny_model, DEFAULT_SSD_MODULES)
+    assert len(chosen) == 2 * 7  # two layers x (q, k, v, o, gate, up, down)
+    assert all(".self_attn." in n or ".mlp." in n for n in chosen)
+    assert not any("embed" in n or "norm" in n or "lm_head" in n for n in chosen)
+    with pytest.raises(ValueError, match="no parameter name matches"):
+        select_parameters(tiny_model, [r"^nothing$"])
+
+
+def _data(tokenizer: PreTrainedTokenizerBase):
+    forget = ForgetSet(
+        name="Ada Lovelace",
+        documents=["Ada Lovelace wrote the first algorithm for the Analytical Engine of Charles Babbage."],
+    )
+    retain = [
+        RetainItem(prompt="What is the capital of France?", text="Paris."),
+        RetainItem(text="Rain falls."),
+    ]
+    forget_seqs = [s for _, s in forget_sequences(tokenizer, [forget], max_length=48, limit=4, seed=0)]
+    retain_seqs = retain_sequences(tokenizer, retain, max_length=48, limit=4, seed=0)
+    return forget_seqs, retain_seqs
+
+
+def test_a_run_changes_only_selected_modules_and_follows_the_rule(
+    tiny_model: PreTrainedModel, tiny_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    forget, retain = _data(tiny_tokenizer)
+    before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    params = SSDParams(alpha=1.0, **{"lambda": 0.5}, modules=[r"layers\.1\.mlp\."])
+    report = run_ssd(tiny_model, forget, retain, params, pad_id=tiny_tokenizer.pad_token_id)
+    changed = {n for n, p in tiny_model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert report.dampened > 0
+    assert changed and changed <= {n for n in before if "layers.1.mlp." in n}
+    assert set(report.per_tensor) >= changed
+    for p in tiny_model.parameters():
+        assert p.requires_grad and p.grad is None  # gradients turned back on, none left behind
+
+
+def test_a_huge_alpha_selects_nothing(
+    tiny_model: PreTrainedModel, tiny_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    forget, retain = _data(tiny_tokenizer)
+    before = [p.detach().clone() for p in tiny_model.parameters()]
+    report = run_ssd(tiny_model, forget, retain, SSDParams(alpha=1e30), pad_id=tiny_tokenizer.pad_token_id)
+    assert report.dampened == 0
+    assert all(torch.equal(a, p.detach()) for a, p in zip(before, tiny_model.parameters(), strict=True))
