@@ -94,8 +94,10 @@ def main() -> None:
                 "--threads",
                 str(args.threads),
             ]
-            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            result = json.loads(output.strip().splitlines()[-1])
+            child = subprocess.run(command, capture_output=True, text=True)
+            if child.returncode != 0:
+                sys.exit(f"{method} with {docs} documents failed:\n{child.stderr[-3000:]}")
+            result = json.loads(child.stdout.strip().splitlines()[-1])
             rows.append((method, docs, result))
             print(f"{method} {docs} docs: {result}", file=sys.stderr, flush=True)
     print(

@@ -26,7 +26,7 @@ class SSDParams(BaseModel):
     model_config = ConfigDict(populate_by_name=True, extra="forbid")
 
     alpha: float = Field(
-        10.0, gt=0, description="selection weighting: dampen where I_forget > alpha * I_retain"
+        50.0, gt=0, description="selection weighting: dampen where I_forget > alpha * I_retain"
     )
     lambda_: float = Field(
         1.0,
