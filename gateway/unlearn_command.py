@@ -74,7 +74,12 @@ def register(commands: argparse._SubParsersAction) -> None:
             metavar="NAME",
             help="registered target name, or an RWKU target folder path (repeatable)",
         )
-        sub.add_argument("--from", dest="from_checkpoint", metavar="CHECKPOINT", help="source checkpoint id")
+        sub.add_argument(
+            "--from",
+            dest="from_checkpoint",
+            metavar="CHECKPOINT",
+            help="source checkpoint id (default: the one the gateway serves; with --out, the base model)",
+        )
         sub.add_argument("--out", type=Path, help="checkpoint store folder (default: LETHE_HOME/checkpoints)")
         sub.add_argument("--model", type=Path, help="base model folder (LETHE_MODEL; default: embedded)")
         sub.add_argument(
@@ -110,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from gateway.config import Settings
-    from gateway.store import open_store
+    from gateway.store import BASE_CHECKPOINT, open_store
     from gateway.unlearn_progress import RichProgress, print_summary
     from gateway.unlearning import UnlearnCancelled, format_validation_error, run_unlearning, validate_spec
     from gateway.unlearning_eval import EvaluationOptions
@@ -143,6 +148,9 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings(**({"model": args.model} if args.model else {}))
     store = open_store(settings)
     try:
+        serving = store.serving_checkpoint().checkpoint
+        if spec.from_checkpoint is None and args.out is None and serving != BASE_CHECKPOINT:
+            spec = spec.model_copy(update={"from_checkpoint": serving})  # as the job API does
         checkpoints = CheckpointStore(args.out or settings.home / "checkpoints")
         try:
             validate_spec(spec, store, checkpoints=checkpoints, data_dir=args.data_dir)

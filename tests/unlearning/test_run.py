@@ -183,6 +183,17 @@ def test_cli_errors_exit_2(
     assert message in capsys.readouterr().err.replace("\n", " ")
 
 
+def test_cli_starts_from_the_serving_checkpoint(
+    settings: Settings, store, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --from, `lethe unlearn` builds on what the gateway serves (here a checkpoint whose
+    folder is gone, which the run must name instead of quietly starting from the base model)."""
+    store.set_serving_checkpoint("ckpt-promoted", "promote")
+    monkeypatch.setenv("LETHE_HOME", str(settings.home))
+    assert main(["unlearn", "flat", "--target", "Grace Hopper"]) == 2
+    assert "ckpt-promoted" in capsys.readouterr().err
+
+
 def test_cli_rejects_an_unknown_divergence(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["unlearn", "flat", "--target", "X", "--divergence", "hellinger"])
