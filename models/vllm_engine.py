@@ -12,6 +12,7 @@ is applied inside vLLM by `models.vllm_guard.GuardLogitsProcessor`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.metadata
 import itertools
@@ -147,7 +148,8 @@ class VLLMEngine(TokenizerMethods):
             disable_log_stats=True,
         )
         try:
-            self._llm = AsyncLLM.from_engine_args(args)
+            # Minutes on a cold start; off the event loop, which may be serving (a promote).
+            self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         except Exception as error:
             raise EngineError(f"vLLM failed to start: {error}") from error
         self.max_context = self._llm.model_config.max_model_len
