@@ -32,7 +32,7 @@ from bench.serving_throughput import QUESTIONS, gateway_run, percentile
 from gateway.config import Settings
 from models.embedded import embedded_checkpoint
 from models.vllm_engine import prepare_environment
-from tests.support.server import LiveServer, free_port, start_server
+from tests.support.server import LiveServer, free_port, start_server, wait_healthy
 
 ADMIN_KEY = "bench-admin-key"
 TARGET = {
@@ -99,19 +99,7 @@ def start_peer(model_dir: Path, name: str, log: Path, compiled: bool, max_seqs: 
         command.append("--enforce-eager")
     with open(log, "wb") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=dict(os.environ))
-    peer = LiveServer(process, port, "unused", name, log)
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"vllm serve exited:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{peer.root_url}/health", timeout=1).status_code == 200:
-                return peer
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    peer.stop()
-    raise RuntimeError("vllm serve did not become healthy")
+    return wait_healthy(LiveServer(process, port, "unused", name, log), "/health", 900, "vllm serve")
 
 
 def register_target(server: LiveServer) -> None:

@@ -655,12 +655,7 @@ class SQLiteStore:
         if logs is not None:
             sets.append("logs = ?")
             values.append(_bounded_logs(logs))
-        with self._transaction() as db:
-            updated = db.execute(
-                f"UPDATE jobs SET {', '.join(sets)} WHERE id = ? AND worker_id = ? AND state = 'running'",
-                (*values, job_id, worker_id),
-            ).rowcount
-            return self._job_row(db, job_id) if updated else None
+        return self._update_running_job(job_id, worker_id, sets, values)
 
     def finish_job(
         self,
@@ -692,6 +687,13 @@ class SQLiteStore:
         if logs is not None:
             sets.append("logs = ?")
             values.append(_bounded_logs(logs))
+        return self._update_running_job(job_id, worker_id, sets, values)
+
+    def _update_running_job(
+        self, job_id: str, worker_id: str, sets: list[str], values: list[object]
+    ) -> Job | None:
+        """Apply `sets` to a job only while `worker_id` still runs it (a worker declared dead cannot
+        write over the job's final state); None when it no longer does."""
         with self._transaction() as db:
             updated = db.execute(
                 f"UPDATE jobs SET {', '.join(sets)} WHERE id = ? AND worker_id = ? AND state = 'running'",

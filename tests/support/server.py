@@ -64,16 +64,21 @@ def start_server(model: Path, home: Path, log: Path, api_key: str = "test-key", 
             stdout=sink,
             stderr=subprocess.STDOUT,
         )
-    server = LiveServer(process, port, api_key, model.name, log)
-    deadline = time.monotonic() + 180
+    return wait_healthy(LiveServer(process, port, api_key, model.name, log), "/healthz", 180, "lethe serve")
+
+
+def wait_healthy(server: LiveServer, path: str, timeout: float, what: str) -> LiveServer:
+    """Poll `path` until it answers 200; stop the server and raise (with its log) if it dies or times out."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"lethe serve exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        if server.process.poll() is not None:
+            log = server.log.read_text()[-3000:]
+            raise RuntimeError(f"{what} exited with {server.process.returncode}:\n{log}")
         try:
-            if httpx.get(f"{server.root_url}/healthz", timeout=1).status_code == 200:
+            if httpx.get(f"{server.root_url}{path}", timeout=1).status_code == 200:
                 return server
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
     server.stop()
-    raise RuntimeError(f"lethe serve did not become healthy:\n{log.read_text()[-3000:]}")
+    raise RuntimeError(f"{what} did not become healthy:\n{server.log.read_text()[-3000:]}")
