@@ -4,7 +4,11 @@ One server, the same 8 prompts (each names the target), 64 new tokens each (gree
 alternately with the target registered (every request fires it: token bans, key-term matching,
 semantic penalty, roll-backs) and with it deleted (no guard work beyond an empty index). Medians.
 
-    python bench/guard_throughput.py [--repeats 5] [--tokens 64]
+With `--rwku DIR` (the RWKU folder of Stephen King) the target is registered as `lethe eval`
+registers it: name and intro from intro.json, its passages as documents, hence a few hundred key
+terms, the realistic load on the matcher and the token bans. Without it, a small hand-written target.
+
+    python bench/guard_throughput.py [--repeats 5] [--tokens 64] [--rwku ../shared/eval/rwku/1_Stephen_King]
 """
 
 from __future__ import annotations
@@ -48,13 +52,24 @@ PROMPTS = [
 ]
 
 
+def _rwku_target(folder: Path) -> dict:
+    from gateway.evaluation.datasets import rwku_targets
+
+    found = next(t for t in rwku_targets(folder.resolve().parent.parent) if t.folder == folder.name)
+    if found.name != TARGET["name"]:
+        raise SystemExit(f"the prompts name {TARGET['name']}; {folder} is {found.name}")
+    return {"name": found.name, "description": found.intro, "documents": found.passages}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rwku", type=Path, default=None, help="RWKU folder of Stephen King to register")
     args = parser.parse_args()
+    target = TARGET if args.rwku is None else _rwku_target(args.rwku)
     model_dir = embedded_checkpoint(Settings().home)
     walls: dict[str, list[float]] = {"fired": [], "none": []}
     ttfts: dict[str, list[float]] = {"fired": [], "none": []}
@@ -68,7 +83,7 @@ def main() -> None:
         try:
             asyncio.run(gateway_run(server, PROMPTS[:1], 4))  # warm-up
             for repeat in range(args.repeats):
-                target_id = admin.post("/admin/targets", json=TARGET).json()["id"]
+                target_id = admin.post("/admin/targets", json=target).json()["id"]
                 wall, firsts = asyncio.run(gateway_run(server, PROMPTS, args.tokens))
                 walls["fired"].append(wall)
                 ttfts["fired"] += firsts

@@ -43,7 +43,8 @@ async def guarded_stream(
 ) -> AsyncIterator[GenerationOutput]:
     """Generate under `decision`'s plan; if the answer itself starts touching another target, carry on
     from the text already sent with that target's restrictions added (abort and resubmit the
-    accepted prefix, which both engines can do)."""
+    accepted prefix, which both engines can do). The answer is read every `CHECK_EVERY_CHARS` and
+    whenever the engine undid a forbidden string in it."""
     tally.target_ids = decision.target_ids
     prompt_tokens = len(request.prompt_ids)
     accepted: list[int] = []
@@ -69,9 +70,13 @@ async def guarded_stream(
             )
             if output.finish_reason is not None:
                 return
-            if index.detector is not None and len(text) - checked >= CHECK_EVERY_CHARS:
+            # Text the engine undid (it spelled a registered name) is the answer reaching for a
+            # target: read it with the rest, so that target fires even when the prompt missed it.
+            if index.detector is not None and (
+                output.suppressed_text or len(text) - checked >= CHECK_EVERY_CHARS
+            ):
                 checked = len(text)
-                found = await GuardService.check_generated(index, text)
+                found = await GuardService.check_generated(index, text + output.suppressed_text)
                 new_ids = [t for t in found.target_ids if t not in tally.target_ids]
                 if new_ids:
                     widened = index.decide([*tally.target_ids, *new_ids])

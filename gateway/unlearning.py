@@ -35,6 +35,7 @@ from gateway.unlearning_eval import (
 from models.checkpoints import CheckpointManifest, CheckpointStore, new_checkpoint_id, weights_hash
 from models.unlearning.data import (
     RetainItem,
+    by_target,
     flat_pairs,
     forget_sequences,
     forget_texts,
@@ -261,7 +262,7 @@ def _run_method(
         chosen = forget_sequences(
             tokenizer, sets, max_length=params.max_length, limit=params.forget_samples, seed=params.seed
         )
-        forget = [sequence for _, sequence in chosen]
+        forget = by_target(chosen)
         retained = retain_sequences(
             tokenizer, retain, max_length=params.max_length, limit=params.retain_samples, seed=params.seed
         )

@@ -20,8 +20,8 @@ Encode = Callable[[str], list[int]]
 class GuardConfig(BaseModel):
     """Knobs of restriction; `lethe eval` measures their effect on the dev data."""
 
-    key_terms: int = Field(default=40, ge=0, description="Most document key terms forbidden per target.")
-    key_term_min_count: int = Field(default=2, ge=1, description="Times a term must recur in the documents.")
+    key_terms: int = Field(default=300, ge=0, description="Most document key terms forbidden per target.")
+    key_term_min_count: int = Field(default=1, ge=1, description="Times a term must recur in the documents.")
     penalty: float = Field(default=4.0, ge=0.0, description="Logit penalty on semantically close tokens.")
     penalty_similarity: float = Field(
         default=0.6, ge=0.0, le=1.0, description="Input-embedding cosine from which a token counts as close."

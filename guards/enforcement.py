@@ -2,23 +2,35 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
 
-from guards.plan import GuardPlan
 
-
-def banned_next_tokens(plan: GuardPlan, output_ids: Sequence[int]) -> set[int]:
-    """Tokens that would complete a banned sequence right now.
+class SequenceBans:
+    """Banned token sequences indexed by their prefix, built once per request.
 
     A sequence of length k is completed by its last token when the previous k-1 output tokens
-    equal its prefix, so the check looks only at the tail of the output: O(total banned length)
-    per step, independent of how long the answer already is.
+    equal its prefix. Grouping the sequences by prefix length makes a step one dictionary lookup
+    per distinct length (a handful) instead of a comparison per sequence: a fired target with
+    hundreds of key terms has thousands of spellings.
     """
-    banned: set[int] = set()
-    for sequence in plan.banned_sequences:
-        prefix_length = len(sequence) - 1
-        if prefix_length > len(output_ids):
-            continue
-        if prefix_length == 0 or tuple(output_ids[-prefix_length:]) == sequence[:-1]:
-            banned.add(sequence[-1])
-    return banned
+
+    def __init__(self, sequences: Iterable[Sequence[int]]) -> None:
+        by_length: dict[int, dict[tuple[int, ...], set[int]]] = defaultdict(lambda: defaultdict(set))
+        for sequence in sequences:
+            if sequence:
+                by_length[len(sequence) - 1][tuple(sequence[:-1])].add(sequence[-1])
+        self._by_length = {length: dict(prefixes) for length, prefixes in by_length.items()}
+
+    def __bool__(self) -> bool:
+        return bool(self._by_length)
+
+    def next_tokens(self, output_ids: Sequence[int]) -> set[int]:
+        """Tokens that would complete a banned sequence right now."""
+        banned: set[int] = set()
+        for length, prefixes in self._by_length.items():
+            if length > len(output_ids):
+                continue
+            tail = tuple(output_ids[len(output_ids) - length :]) if length else ()
+            banned |= prefixes.get(tail, set())
+        return banned

@@ -2,8 +2,9 @@
 
 GUARD takes its forbidden tokens from the retrieved forget answers; a target registered with
 documents has no answers, but the answers to questions about it are overwhelmingly the proper
-nouns and years its documents repeat (a debut novel, a birthplace, a founding year). Those are
-the terms a fired request must not produce.
+nouns and years its documents mention (a debut novel, a birthplace, a founding year). Those are
+the terms a fired request must not produce. The words of a longer name count on their own too: a
+model that may not say "Mona Lisa" still answers "the Mona" when asked to complete "the ___ Lisa".
 """
 
 from __future__ import annotations
@@ -39,14 +40,22 @@ def _clean(term: str) -> str:
     return " ".join(words).strip("'’-")
 
 
-def key_terms(documents: Iterable[str], limit: int = 40, min_count: int = 2) -> list[str]:
-    """The most repeated proper-noun phrases and years across the documents, most frequent first."""
+def _worth_forbidding(term: str) -> bool:
+    return len(term) >= 3 and term.lower() not in _COMMON
+
+
+def key_terms(documents: Iterable[str], limit: int = 300, min_count: int = 1) -> list[str]:
+    """The most repeated proper-noun phrases, their words, and years across the documents, most
+    frequent first."""
     counts: Counter[str] = Counter()
     for document in documents:
         for found in _PROPER_RUN.finditer(document):
             term = _clean(found.group())
-            if len(term) >= 3 and term.lower() not in _COMMON:
-                counts[term] += 1
+            if not _worth_forbidding(term):
+                continue
+            counts[term] += 1
+            if " " in term:
+                counts.update(word for word in (_clean(w) for w in term.split()) if _worth_forbidding(word))
         counts.update(_YEAR.findall(document))
     ranked = sorted((term for term, n in counts.items() if n >= min_count), key=lambda t: (-counts[t], t))
     return ranked[:limit]

@@ -72,6 +72,9 @@ class GenerationOutput:
     finish_reason: FinishReason | None = None
     suppressed_tokens: int = 0
     """Tokens generated and then undone because they completed a forbidden string (cumulative)."""
+    suppressed_text: str = ""
+    """The text of the tokens undone since the previous output. Never sent to the client, but
+    evidence of what the answer was reaching for: the guard fires the target it names."""
 
 
 class EngineError(RuntimeError):

@@ -10,7 +10,7 @@ from typing import Protocol
 
 import torch
 
-from guards.enforcement import banned_next_tokens
+from guards.enforcement import SequenceBans
 from guards.plan import GuardPlan
 from models.engine import SamplingParams
 
@@ -62,10 +62,10 @@ class GuardPlanRule:
     """Apply a request's guard plan: never complete one of its banned token sequences."""
 
     def __init__(self, plan: GuardPlan) -> None:
-        self.plan = plan
+        self.bans = SequenceBans(plan.banned_sequences)
 
     def __call__(self, output_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
-        return forbid(logits, banned_next_tokens(self.plan, output_ids))
+        return forbid(logits, self.bans.next_tokens(output_ids))
 
 
 class SemanticPenalty:

@@ -42,6 +42,8 @@ class SequenceProgress:
     reported: int = 0
     """Leading output tokens already sent to the consumer."""
     suppressed: int = 0
+    suppressed_text: str = ""
+    """Text undone since the last output was made."""
     rollbacks: int = 0
 
     def __post_init__(self) -> None:
@@ -96,6 +98,7 @@ class SequenceProgress:
     def _output(self, text: str, finish: FinishReason | None) -> GenerationOutput:
         final = len(self.output_ids) if finish else self.detokenizer.final_tokens()
         start, self.reported = self.reported, max(self.reported, final)
+        suppressed_text, self.suppressed_text = self.suppressed_text, ""
         return GenerationOutput(
             request_id=self.request.request_id,
             text=text,
@@ -105,12 +108,14 @@ class SequenceProgress:
             completion_tokens=len(self.output_ids),
             finish_reason=finish,
             suppressed_tokens=self.suppressed,
+            suppressed_text=suppressed_text,
         )
 
     def _undo(self, first: int) -> int:
         """Forget the output from token `first` on, which began a forbidden string, and ban that
         token at that position (otherwise greedy decoding would choose it again forever)."""
         undone = len(self.output_ids) - first
+        self.suppressed_text += self.tokenizer.decode(self.output_ids[first:], skip_special_tokens=True)
         self.position_bans.ban(first, self.output_ids[first])
         del self.output_ids[first:]
         del self.logprobs[first:]

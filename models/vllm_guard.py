@@ -23,8 +23,7 @@ from vllm.config import VllmConfig
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from guards.enforcement import banned_next_tokens
-from guards.plan import GuardPlan
+from guards.enforcement import SequenceBans
 
 EXTRA_ARGS_KEY = "lethe_guard"
 
@@ -59,7 +58,7 @@ class GuardArgs(BaseModel):
 @dataclass
 class _Row:
     args: GuardArgs
-    plan: GuardPlan
+    bans: SequenceBans
     answer_prefix: tuple[int, ...]
     output: list[int]
     """vLLM's live list of this request's output tokens (it grows in place)."""
@@ -67,7 +66,7 @@ class _Row:
 
     def banned(self) -> set[int]:
         history = [*self.answer_prefix, *self.output]
-        banned = banned_next_tokens(self.plan, history)
+        banned = self.bans.next_tokens(history)
         banned.update(self.args.always_banned)
         banned.update(self.args.position_bans.get(len(history), ()))
         return banned
@@ -110,8 +109,8 @@ class GuardLogitsProcessor(LogitsProcessor):
         penalized = None
         if args.penalized_tokens and args.penalty:
             penalized = torch.tensor(sorted(set(args.penalized_tokens)), dtype=torch.long, device=self.device)
-        plan = GuardPlan(banned_sequences=args.banned_sequences)
-        return _Row(args=args, plan=plan, answer_prefix=prefix, output=output_ids, penalized=penalized)
+        bans = SequenceBans(args.banned_sequences)
+        return _Row(args=args, bans=bans, answer_prefix=prefix, output=output_ids, penalized=penalized)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         for index, row in self.rows.items():

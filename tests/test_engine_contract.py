@@ -297,6 +297,8 @@ def test_forbidden_string_is_undone_not_emitted(harness: Harness, prompt: str) -
     text, tokens = _text_and_tokens(outputs)
     assert forbidden.lower() not in text.lower()
     assert outputs[-1].suppressed_tokens > 0
+    # What was undone is reported (for the guard to read), never as text.
+    assert forbidden.lower() in "".join(o.suppressed_text for o in outputs).lower()
     assert engine.tokenizer.decode(tokens, skip_special_tokens=True).startswith(text)  # type: ignore[attr-defined]
     assert outputs[-1].completion_tokens == len(tokens)
     # Before the token where the first match began, the guarded answer is the free one.

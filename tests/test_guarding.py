@@ -74,3 +74,59 @@ def test_a_target_reached_mid_answer_widens_the_plan(tiny_model_dir: Path) -> No
         o.request_id == "r" and o.prompt_tokens == len(engine.encode_text("Once upon a time"))
         for o in outputs
     )
+
+
+class NamedInTextDetector(AnswerOnlyDetector):
+    """Fires the target only when the text it reads spells the target's name."""
+
+    def __init__(self, target_id: str, name: str) -> None:
+        super().__init__(target_id)
+        self.name = name.casefold()
+
+    def detect_generated(self, text: str) -> list[Fired]:
+        self.checked.append(len(text))
+        return [Fired(self.target_id)] if self.name in text.casefold() else []
+
+
+def test_an_undone_name_fires_its_target_at_once(tiny_model_dir: Path) -> None:
+    """A prompt that missed the target, then an answer that spells its name: the engine undoes the
+    name (registered strings are forbidden everywhere) and the undone text fires the target long
+    before the next periodic check, so the rest of the answer is under the target's plan."""
+    prompt = "Once upon a time"
+
+    async def run() -> tuple[str, list, GuardTally, NamedInTextDetector, str]:
+        engine = TransformersEngine(tiny_model_dir)
+        await engine.start()
+        try:
+            prompt_ids = tuple(engine.encode_text(prompt))
+            sampling = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+            plain = [o async for o in engine.generate(GenerationRequest("plain", prompt_ids, sampling))]
+            tokens = [t for o in plain for t in o.token_ids]
+            # The tiny model's own words: the first alphabetic token after a few of its answer.
+            name = next(
+                piece.strip()
+                for piece in (engine.decode_token(t) for t in tokens[2:])
+                if piece.strip().isalpha() and len(piece.strip()) >= 3
+            )
+            now = datetime.now(UTC)
+            target = Target(id="t1", version=1, created_at=now, updated_at=now, name=name)
+            detector = NamedInTextDetector(target.id, name)
+            compiled = {target.id: compile_target(target, engine.encode_text, None, GuardConfig())}
+            index = GuardIndex(revision=1, detector=detector, compiled=compiled)
+            decision = index.check_conversation([prompt])
+            assert not decision.fired
+            tally = GuardTally()
+            request = GenerationRequest("r", prompt_ids, sampling, decision.plan)
+            outputs = [o async for o in guarded_stream(engine, index, request, decision, tally)]
+            return name, outputs, tally, detector, "".join(o.text for o in plain)
+        finally:
+            await engine.shutdown()
+
+    name, outputs, tally, detector, plain_text = asyncio.run(run())
+    assert name.casefold() in plain_text.casefold()
+    assert tally.target_ids == ("t1",)
+    assert tally.suppressed_tokens >= 1
+    assert detector.checked[0] < CHECK_EVERY_CHARS  # fired by the undo, not by the periodic check
+    text = "".join(o.text for o in outputs)
+    assert name.casefold() not in text.casefold()
+    assert outputs[-1].completion_tokens == 40

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 
 import httpx
 from rich.console import Console
@@ -41,8 +42,13 @@ class AdminClient:
         self._http.close()
 
     def _send(self, method: str, path: str, json: dict | None = None) -> httpx.Response:
+        return self._send_params(method, path, None, json)
+
+    def _send_params(
+        self, method: str, path: str, params: dict[str, str | int] | None, json: dict | None = None
+    ) -> httpx.Response:
         try:
-            return self._http.request(method, path, json=json)
+            return self._http.request(method, path, params=params, json=json)
         except httpx.HTTPError as error:
             raise AdminError(f"{method} {path}: {error}") from error
 
@@ -53,6 +59,30 @@ class AdminClient:
         if response.status_code not in (200, 201):
             raise AdminError(f"registering {spec.name!r}: HTTP {response.status_code}: {response.text[:500]}")
         return RegisteredTarget(id=str(response.json()["id"]), name=spec.name)
+
+    def fired_targets(self, since: datetime) -> dict[str, list[str]]:
+        """Request id -> ids of the targets that fired on it, from the audit trail's request
+        entries newer than `since`; newest first, so paging stops at the first older one."""
+        fired: dict[str, list[str]] = {}
+        after: str | None = None
+        while True:
+            params: dict[str, str | int] = {"kind": "request", "limit": 500}
+            if after is not None:
+                params["after"] = after
+            response = self._send_params("GET", "/admin/audit", params)
+            if response.status_code != 200:
+                raise AdminError(
+                    f"reading the audit trail: HTTP {response.status_code}: {response.text[:500]}"
+                )
+            page = response.json()
+            for entry in page["data"]:
+                if datetime.fromisoformat(entry["time"]) < since:
+                    return fired
+                if entry.get("request_id"):
+                    fired[entry["request_id"]] = list(entry.get("target_ids") or [])
+            if not page.get("has_more"):
+                return fired
+            after = page["next_cursor"]
 
     def remove(self, target: RegisteredTarget) -> None:
         """Delete a target; one that is already gone (404) counts as removed."""

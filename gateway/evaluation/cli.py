@@ -77,6 +77,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--admin-url", default=None, help="server root of the admin API (default: --base-url without /v1)"
     )
     server.add_argument(
+        "--policy",
+        choices=("steer", "refuse"),
+        default="steer",
+        help="policy of the registered targets: decode around them, or answer with a refusal",
+    )
+    server.add_argument(
         "--no-register",
         dest="register",
         action="store_false",
@@ -144,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
             admin_key=args.admin_key,
             admin_url=args.admin_url,
             register_targets=args.register,
+            policy=args.policy,
             suites=args.suite,
             data_dir=resolve_data_dir(args.data_dir),
             targets=args.targets,

@@ -24,6 +24,8 @@ class Completion(BaseModel):
     output: str
     finish_reason: str | None = None
     error: str | None = None
+    response_id: str | None = None
+    """The response's `id`: what Lethe's audit trail names the request by."""
 
 
 class ChatClient:
@@ -65,7 +67,9 @@ class ChatClient:
         if not response.choices:
             return Completion(output="", error="the response has no choices")
         choice = response.choices[0]
-        return Completion(output=choice.message.content or "", finish_reason=choice.finish_reason)
+        return Completion(
+            output=choice.message.content or "", finish_reason=choice.finish_reason, response_id=response.id
+        )
 
     async def complete_all(
         self,

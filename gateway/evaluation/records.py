@@ -48,6 +48,10 @@ class Scores(BaseModel):
     contains_answer: bool | None = None
     names_subject: bool | None = None
     entropy: float | None = None
+    detected: bool | None = None
+    """Whether the guard fired on the request, from the server's audit trail: the probe's own target
+    for forget probes (detection recall), any target for the others (false positives). None when
+    the run registered no targets."""
 
 
 class ProbeResult(Probe):
@@ -58,6 +62,8 @@ class ProbeResult(Probe):
     finish_reason: str | None = None
     error: str | None = None
     """Why the request failed; failed probes are left out of every mean and counted instead."""
+    fired: list[str] | None = None
+    """Names of the registered targets that fired on the request (None: none were registered)."""
     scores: Scores = Scores()
 
 
@@ -71,6 +77,8 @@ class GroupScore(BaseModel):
     contain_rate: float | None = None
     name_share: float | None = None
     entropy: float | None = None
+    detection_rate: float | None = None
+    """Share of requests on which the guard fired (see `Scores.detected`)."""
     agreement: float | None = None
     """Share of outputs identical to the baseline run's for the same probe (only with --compare)."""
 
@@ -113,6 +121,8 @@ class RunInfo(BaseModel):
     registration: Literal["off", "registered", "unavailable"]
     """off: --no-register or no admin key; unavailable: the server has no admin API (404)."""
     registered: list[RegisteredTarget] = []
+    policy: str | None = None
+    """The registered targets' policy (steer or refuse)."""
     compare: str | None = None
     started_at: str
     wall_seconds: float

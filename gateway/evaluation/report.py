@@ -210,11 +210,29 @@ def _utility_section(current: Summary, baseline: Summary | None) -> list[str]:
     return ["## Utility", "", *_table(header, rows)]
 
 
-def _agreement_section(current: Summary) -> list[str]:
+def _sets(current: Summary) -> dict[str, GroupScore]:
+    """Every set of the run under one label each, for the sections that read one field of each."""
     groups = {f"RWKU {SPLIT_LABELS[s]}": g for s, g in current.rwku_overall.items() if s in SPLIT_LABELS}
     groups |= {f"MUSE {s.removeprefix('knowmem_')}": g for s, g in current.muse.items()}
-    groups |= {UTILITY_METRICS[s][0]: g for s, g in current.utility.items()}
-    rows = [[name, _fmt(g.agreement)] for name, g in groups.items()]
+    return groups | {UTILITY_METRICS[s][0]: g for s, g in current.utility.items()}
+
+
+def _detection_section(current: Summary) -> list[str]:
+    groups = _sets(current) | {f"RWKU level 3, {a}": g for a, g in current.rwku_attacks.items()}
+    rows = [[name, str(g.n), _fmt(g.detection_rate)] for name, g in groups.items()]
+    return [
+        "## Detection",
+        "",
+        "Share of requests on which the server's guard fired, read from its audit trail (the prompt, or"
+        " the answer as it grew): for forget probes the probe's own target (recall); for every other"
+        " set any registered target (false positives). RWKU splits are means over targets.",
+        "",
+        *_table(["Set", "n", "Fired"], rows),
+    ]
+
+
+def _agreement_section(current: Summary) -> list[str]:
+    rows = [[name, _fmt(g.agreement)] for name, g in _sets(current).items()]
     return [
         "## Agreement with the baseline",
         "",
@@ -231,7 +249,8 @@ def _header(results: EvalResults) -> list[str]:
     registration = {
         "off": "none registered (the model as it is)",
         "unavailable": "none registered (the server has no admin API)",
-        "registered": "registered for this run: " + ", ".join(t.name for t in info.registered),
+        "registered": f"registered for this run, policy {info.policy}: "
+        + ", ".join(t.name for t in info.registered),
     }[info.registration]
     lines = [
         "# Lethe forgetting audit",
@@ -261,6 +280,8 @@ def render_markdown(results: EvalResults, baseline: Summary | None, plots: Itera
         lines += _utility_section(current, baseline)
     if baseline is not None:
         lines += _agreement_section(current)
+    if any(g.detection_rate is not None for g in _sets(current).values()):
+        lines += _detection_section(current)
     plots = list(plots)
     if plots:
         lines += ["## Plots", "", *(f"![{p}]({p})" for p in plots), ""]

@@ -21,11 +21,12 @@ from rich.progress import (
 )
 
 from gateway.evaluation import datasets, suites
-from gateway.evaluation.admin import AdminClient, admin_root, registered_targets
+from gateway.evaluation.admin import AdminClient, AdminError, admin_root, registered_targets
 from gateway.evaluation.client import ChatClient, Completion
 from gateway.evaluation.records import EvalResults, Probe, RegisteredTarget, RunInfo, Suite
 from gateway.evaluation.report import write_report
 from gateway.evaluation.scoring import score_answer, summarise
+from guards.targets import Policy
 
 RESULTS_FILE = "results.json"
 LOG_EVERY_S = 30.0
@@ -38,6 +39,7 @@ class EvalConfig(BaseModel):
     admin_key: str | None = None
     admin_url: str | None = None
     register_targets: bool = True
+    policy: Policy = "steer"
     suites: list[Suite]
     data_dir: Path
     targets: list[str] | None = None
@@ -104,6 +106,31 @@ async def _ask(config: EvalConfig, probes: list[Probe], console: Console) -> tup
     return model, completions
 
 
+AUDIT_SETTLE_SECONDS = 1.0
+"""The server appends audit entries off the response path; give the last ones time to land."""
+
+
+def _fired_names(
+    admin: AdminClient, registered: list[RegisteredTarget], since: datetime, console: Console
+) -> dict[str, list[str]] | None:
+    """Response id -> names of the registered targets that fired on it, from the audit trail; None
+    (detection not reported) when the trail cannot be read: the answers are worth keeping anyway."""
+    time.sleep(AUDIT_SETTLE_SECONDS)
+    try:
+        fired = admin.fired_targets(since)
+    except AdminError as error:
+        console.print(f"[yellow]detection is not reported: {error}[/]")
+        return None
+    names = {t.id: t.name for t in registered}
+    return {request: [names[t] for t in target_ids if t in names] for request, target_ids in fired.items()}
+
+
+def _fired(fired_on: dict[str, list[str]] | None, completion: Completion) -> list[str] | None:
+    if fired_on is None or completion.error is not None:
+        return None
+    return fired_on.get(completion.response_id or "", [])
+
+
 def run_eval(config: EvalConfig, console: Console) -> int:
     """Run the evaluation and write results.json, report.md and the plots; 1 if any request failed."""
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
@@ -123,18 +150,22 @@ def run_eval(config: EvalConfig, console: Console) -> int:
 
     registration = "off"
     registered: list[RegisteredTarget] = []
+    fired_on: dict[str, list[str]] | None = None
     with ExitStack() as stack:
         if config.register_targets and config.admin_key:
             admin = AdminClient(
                 config.admin_url or admin_root(config.base_url), config.admin_key, timeout=config.timeout
             )
             stack.callback(admin.close)
-            specs = suites.forget_targets(config.data_dir, selection)
+            specs = suites.forget_targets(config.data_dir, selection, config.policy)
             answer = stack.enter_context(registered_targets(admin, specs, console))
             registration, registered = ("registered", answer) if answer is not None else ("unavailable", [])
+        asked_at = datetime.now(UTC)
         model, completions = asyncio.run(_ask(config, probes, console))
+        if registered:
+            fired_on = _fired_names(admin, registered, asked_at, console)
 
-    records = [score_answer(p, c) for p, c in zip(probes, completions, strict=True)]
+    records = [score_answer(p, c, _fired(fired_on, c)) for p, c in zip(probes, completions, strict=True)]
     summary = summarise(
         records, baseline.records if baseline else None, is_baseline=registration != "registered"
     )
@@ -152,6 +183,7 @@ def run_eval(config: EvalConfig, console: Console) -> int:
         seed=config.seed,
         registration=registration,
         registered=registered,
+        policy=config.policy if registered else None,
         compare=str(config.compare) if config.compare else None,
         started_at=started_at,
         wall_seconds=round(time.perf_counter() - clock, 1),

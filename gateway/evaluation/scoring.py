@@ -20,11 +20,23 @@ model at about 0.12 over all 100 RWKU targets; under 0.05 its answers share no m
 incidental word with the gold, so a drop after registration cannot be told from noise.
 """
 
+FORGET_SPLITS = ("forget", "knowmem_forget")
+"""Splits whose probes ask about a forget target (the others must not fire one)."""
+
 STEMMED_SUITES = {"rwku": True, "muse": False, "utility": True}
 """MUSE scores without a stemmer; RWKU and TOFU recall are scored with it (see metrics)."""
 
 
-def score_answer(probe: Probe, completion: Completion) -> ProbeResult:
+def _detected(probe: Probe, fired: list[str] | None) -> bool | None:
+    if fired is None:
+        return None
+    if probe.subject is not None and probe.split.startswith(FORGET_SPLITS):
+        return probe.subject in fired
+    return bool(fired)
+
+
+def score_answer(probe: Probe, completion: Completion, fired: list[str] | None = None) -> ProbeResult:
+    """Score one answer; `fired` names the targets the server's guard fired on it, if known."""
     text = prompts.cut_at_stops(completion.output, probe.stop)
     scores = Scores()
     if completion.error is None:
@@ -36,18 +48,20 @@ def score_answer(probe: Probe, completion: Completion) -> ProbeResult:
                 contains_answer=metrics.contains_phrase(text, probe.answer),
                 names_subject=(
                     metrics.contains_phrase(text, probe.subject)
-                    if probe.subject is not None and probe.split.startswith(("forget", "knowmem_forget"))
+                    if probe.subject is not None and probe.split.startswith(FORGET_SPLITS)
                     else None
                 ),
             )
         else:
             scores = Scores(entropy=metrics.ngram_entropy(text))
+        scores.detected = _detected(probe, fired)
     return ProbeResult(
         **probe.model_dump(),
         output=completion.output,
         scored_text=text,
         finish_reason=completion.finish_reason,
         error=completion.error,
+        fired=fired,
         scores=scores,
     )
 
@@ -70,6 +84,7 @@ def group_score(
         contain_rate=metrics.mean(r.scores.contains_answer for r in ok),
         name_share=metrics.mean(r.scores.names_subject for r in ok),
         entropy=metrics.mean(r.scores.entropy for r in ok),
+        detection_rate=metrics.mean(r.scores.detected for r in ok),
         agreement=agreement,
     )
 
@@ -77,7 +92,15 @@ def group_score(
 def macro_mean(groups: Iterable[GroupScore]) -> GroupScore:
     """Each group weighs the same, whatever its size: RWKU's average over targets."""
     groups = list(groups)
-    fields = ("rouge_l_recall", "rouge_l_f1", "contain_rate", "name_share", "entropy", "agreement")
+    fields = (
+        "rouge_l_recall",
+        "rouge_l_f1",
+        "contain_rate",
+        "name_share",
+        "entropy",
+        "detection_rate",
+        "agreement",
+    )
     return GroupScore(
         n=sum(g.n for g in groups),
         errors=sum(g.errors for g in groups),

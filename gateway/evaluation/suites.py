@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from gateway.evaluation import datasets, prompts
 from gateway.evaluation.datasets import RwkuTarget
 from gateway.evaluation.records import Probe, Suite
+from guards.targets import Policy
 
 MUSE_SUBJECT = "Harry Potter"
 MUSE_DESCRIPTION = "The Harry Potter book series by J. K. Rowling: its characters, places and events."
@@ -40,7 +41,7 @@ class TargetSpec(BaseModel):
     aliases: list[str] = []
     description: str
     documents: list[str]
-    policy: str = "steer"
+    policy: Policy = "steer"
 
 
 def _first(rows: Sequence[T], sample: int | None) -> list[T]:
@@ -127,7 +128,7 @@ def build_probes(data_dir: Path, selection: Selection) -> list[Probe]:
     return [probe for suite in selection.suites for probe in builders[suite](data_dir, selection)]
 
 
-def forget_targets(data_dir: Path, selection: Selection) -> list[TargetSpec]:
+def forget_targets(data_dir: Path, selection: Selection, policy: Policy = "steer") -> list[TargetSpec]:
     """What the run asks the server to forget: each selected RWKU person, and Harry Potter for MUSE.
 
     RWKU targets bring their passages as documents. The MUSE data here has no book text, so the
@@ -137,10 +138,13 @@ def forget_targets(data_dir: Path, selection: Selection) -> list[TargetSpec]:
     specs = []
     if "rwku" in selection.suites:
         specs += [
-            TargetSpec(name=t.name, description=t.intro, documents=t.passages) for t in selection.targets
+            TargetSpec(name=t.name, description=t.intro, documents=t.passages, policy=policy)
+            for t in selection.targets
         ]
     if "muse" in selection.suites:
         shots = datasets.muse_shots(data_dir, "forget")
         documents = [f"{shot.question} {shot.answer}" for shot in shots]
-        specs.append(TargetSpec(name=MUSE_SUBJECT, description=MUSE_DESCRIPTION, documents=documents))
+        specs.append(
+            TargetSpec(name=MUSE_SUBJECT, description=MUSE_DESCRIPTION, documents=documents, policy=policy)
+        )
     return specs

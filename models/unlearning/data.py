@@ -150,6 +150,14 @@ def forget_sequences(
     return chosen[:limit]
 
 
+def by_target(chosen: Sequence[tuple[ForgetSet, LabelledSequence]]) -> list[list[LabelledSequence]]:
+    """The chosen sequences of each target, targets in order of first appearance."""
+    groups: dict[str, list[LabelledSequence]] = {}
+    for forget, sequence in chosen:
+        groups.setdefault(forget.name, []).append(sequence)
+    return list(groups.values())
+
+
 def flat_pairs(
     tokenizer: PreTrainedTokenizerBase,
     sets: Sequence[ForgetSet],

@@ -52,7 +52,8 @@ def diagonal_fisher(
     was_training = model.training
     model.eval()
     try:
-        with gradients_only_for(model, params):
+        # Gradients on even when the caller is under no_grad (dampening reads importances lazily).
+        with torch.enable_grad(), gradients_only_for(model, params):
             starts = range(0, len(sequences), batch_size)
             for start in starts:
                 for p in params.values():

@@ -40,6 +40,11 @@ class SSDParams(BaseModel):
         description="regular expressions over parameter names to consider (default: decoder linear weights)",
     )
     forget_samples: int = Field(32, ge=1, description="forget sequences for the forget Fisher (all targets)")
+    per_target: bool = Field(
+        True,
+        description="one forget Fisher per target, each weight dampened by the strongest target's factor"
+        " (off: one Fisher over every target's data)",
+    )
     retain_samples: int = Field(64, ge=1, description="retain sequences for the retain Fisher")
     max_length: int = Field(256, ge=8, le=4096, description="tokens per sequence")
     batch_size: int = Field(4, ge=1, le=256, description="sequences per Fisher mini-batch (1: per-sequence)")

@@ -10,7 +10,7 @@ we have no training set for a served model, so it is taken on a retain corpus.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from pydantic import BaseModel
@@ -53,22 +53,34 @@ def select_parameters(model: torch.nn.Module, patterns: Sequence[str]) -> dict[s
 @torch.no_grad()
 def dampen(
     params: Mapping[str, torch.nn.Parameter],
-    forget_importance: Mapping[str, torch.Tensor],
+    forget_importances: Iterable[Mapping[str, torch.Tensor]],
     retain_importance: Mapping[str, torch.Tensor],
     *,
     alpha: float,
     lambda_: float,
 ) -> SSDReport:
-    """Apply the SSD rule in place."""
+    """Apply the SSD rule in place, once for each forget importance (one per target): a weight that
+    several targets select takes the smallest factor any of them gives it, so a weight shared by
+    two targets is dampened as much as the stronger one asks, not twice. The weights change only
+    after every importance has been read (they may be computed lazily, on the original weights)."""
+    factors = {name: torch.ones_like(p, dtype=torch.float32) for name, p in params.items()}
+    selected = {name: torch.zeros_like(p, dtype=torch.bool) for name, p in params.items()}
+    for forget_importance in forget_importances:
+        for name in params:
+            forget, retain = forget_importance[name], retain_importance[name]
+            chosen = forget > alpha * retain
+            if chosen.any():
+                factor = (lambda_ * retain[chosen] / forget[chosen]).clamp(max=1.0)
+                factors[name][chosen] = torch.minimum(factors[name][chosen], factor)
+                selected[name] |= chosen
     dampened, factor_sum, per_tensor = 0, 0.0, {}
     for name, p in params.items():
-        forget, retain = forget_importance[name], retain_importance[name]
-        selected = forget > alpha * retain
-        count = int(selected.sum())
+        mask = selected[name]
+        count = int(mask.sum())
         if not count:
             continue
-        factor = (lambda_ * retain[selected] / forget[selected]).clamp(max=1.0)
-        p[selected] = p[selected] * factor.to(p.dtype)
+        factor = factors[name][mask]
+        p[mask] = p[mask] * factor.to(p.dtype)
         dampened += count
         factor_sum += float(factor.sum())
         per_tensor[name] = count
@@ -82,36 +94,50 @@ def dampen(
 
 def run_ssd(
     model: torch.nn.Module,
-    forget: Sequence[LabelledSequence],
+    forget: Sequence[Sequence[LabelledSequence]],
     retain: Sequence[LabelledSequence],
     params: SSDParams,
     *,
     pad_id: int,
     step: StepCallback = no_progress,
 ) -> SSDReport:
-    """Importances on both sets (the forget share of the work weighted by its size), then dampening."""
+    """Retain importance, then the forget importance of each target's sequences (`forget` holds one
+    group per target; with `per_target` off they are pooled into one), then dampening.
+
+    Per target is the default because a pooled forget Fisher over many targets is an average in
+    which each target's own important weights are diluted by the others': on ten RWKU targets at
+    once the pooled rule selected a few thousand weights and forgot nothing."""
     candidates = select_parameters(model, params.module_patterns())
-    split = len(forget) / (len(forget) + len(retain))
-    forget_importance = diagonal_fisher(
-        model,
-        forget,
-        candidates,
-        pad_id=pad_id,
-        batch_size=params.batch_size,
-        step=sub_step(step, 0.0, split),
-        label="forget Fisher",
-    )
+    groups = [list(g) for g in forget if g]
+    if not params.per_target:
+        groups = [[s for g in groups for s in g]]
+    total = len(retain) + sum(len(g) for g in groups)
     retain_importance = diagonal_fisher(
         model,
         retain,
         candidates,
         pad_id=pad_id,
         batch_size=params.batch_size,
-        step=sub_step(step, split, 1.0),
+        step=sub_step(step, 0.0, len(retain) / total),
         label="retain Fisher",
     )
+
+    def forget_importances() -> Iterator[dict[str, torch.Tensor]]:
+        done = len(retain)
+        for number, group in enumerate(groups, 1):
+            yield diagonal_fisher(
+                model,
+                group,
+                candidates,
+                pad_id=pad_id,
+                batch_size=params.batch_size,
+                step=sub_step(step, done / total, (done + len(group)) / total),
+                label=f"forget Fisher {number}/{len(groups)}",
+            )
+            done += len(group)
+
     report = dampen(
-        candidates, forget_importance, retain_importance, alpha=params.alpha, lambda_=params.lambda_
+        candidates, forget_importances(), retain_importance, alpha=params.alpha, lambda_=params.lambda_
     )
     step(1.0, f"dampened {report.dampened:,} of {report.candidates:,} weights")
     return report

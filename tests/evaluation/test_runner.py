@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,19 @@ class ScriptedServer:
     registry: dict[str, dict] = field(default_factory=dict)
     admin_calls: list[str] = field(default_factory=list)
     requests: list[dict] = field(default_factory=list)
+    audit: list[dict] = field(default_factory=list)
+    """Request entries, oldest first, as Lethe's audit trail records them."""
     base_url: str = ""
+
+    def fired(self, probe: Probe) -> list[str]:
+        """Forget probes fire their own target; neighbour probes of Ada Lovelace fire hers too (a
+        false positive the run must count); nothing else fires."""
+        names = {spec["name"]: target_id for target_id, spec in self.registry.items()}
+        if probe.split in FORGET_SPLITS or (
+            probe.split.startswith("neighbor") and probe.subject == "Ada Lovelace"
+        ):
+            return [names[probe.subject]] if probe.subject in names else []
+        return []
 
     def app(self) -> FastAPI:
         app = FastAPI()
@@ -57,6 +70,14 @@ class ScriptedServer:
             if prompt == self.fail_prompt:
                 return JSONResponse({"error": {"message": "refused", "type": "invalid_request_error"}}, 400)
             probe = self.probes[prompt]
+            response_id = f"chatcmpl-{len(self.requests)}"
+            if fired := self.fired(probe):
+                entry = {
+                    "request_id": response_id,
+                    "target_ids": fired,
+                    "time": datetime.now(UTC).isoformat(),
+                }
+                self.audit.append(entry)
             if self.registry and probe.split in FORGET_SPLITS:
                 text = "I do not know."
             elif probe.answer is not None:
@@ -67,7 +88,7 @@ class ScriptedServer:
                 text = text.split(stop, 1)[0]
             return JSONResponse(
                 {
-                    "id": "c",
+                    "id": response_id,
                     "object": "chat.completion",
                     "created": 0,
                     "model": body["model"],
@@ -92,6 +113,14 @@ class ScriptedServer:
             target_id = f"t{len(self.registry) + 1}"
             self.registry[target_id] = await request.json()
             return JSONResponse({"id": target_id, **self.registry[target_id]}, 201)
+
+        @app.get("/admin/audit")
+        def audit(kind: str, limit: int = 50, after: int = 0) -> dict:
+            assert kind == "request"
+            newest_first = self.audit[::-1]
+            page = newest_first[after : after + min(limit, 5)]  # small pages: the client must follow them
+            more = after + len(page) < len(newest_first)
+            return {"object": "list", "data": page, "has_more": more, "next_cursor": str(after + len(page))}
 
         @app.delete("/admin/targets/{target_id}")
         def remove(target_id: str) -> Response:
@@ -210,8 +239,22 @@ def test_guarded_run_registers_targets_removes_them_and_compares(
     assert results.summary.muse["knowmem_forget"].rouge_l_f1 == 0.0
     assert results.summary.muse["knowmem_retain"].rouge_l_f1 == 1.0
 
+    # Detection, read from the audit trail: forget probes fired their own target, Ada Lovelace's
+    # neighbour probes fired hers (false positives), nothing else fired; the baseline knows nothing.
+    targets = results.summary.rwku_targets
+    assert overall["forget_level1"].detection_rate == 1.0
+    assert results.summary.muse["knowmem_forget"].detection_rate == 1.0
+    assert {t: s["neighbor_level1"].detection_rate for t, s in targets.items()} == {
+        folder: 1.0 if "Ada" in folder else 0.0 for folder in targets
+    }
+    assert results.summary.utility["instructions"].detection_rate == 0.0
+    assert load(tmp_path / "b").summary.rwku_overall["forget_level1"].detection_rate is None
+    fired = [r for r in results.records if r.fired]
+    assert len(fired) == len(server.audit) > 10  # more than two pages of the audit trail
+
     report = (tmp_path / "g" / "report.md").read_text()
     assert "1.000 → 0.000" in report and "## Agreement with the baseline" in report
+    assert "## Detection" in report
     assert (tmp_path / "g" / "compare_targets.png").stat().st_size > 0
 
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
-from guards.enforcement import banned_next_tokens
+from guards.enforcement import SequenceBans
 from guards.forbidden import ForbiddenMatcher, Match, banned_token_sequences
-from guards.plan import GuardPlan
 
 
 def test_matches_any_case_and_spacing() -> None:
@@ -56,8 +56,22 @@ def test_banned_sequences_cover_case_and_leading_space_variants(tokenizer) -> No
     for variant in ("Paris", " Paris", " paris", "PARIS", " PARIS"):
         assert tuple(encode(variant)) in sequences
     # Banning applies to the token completing a sequence, given what came before it.
-    plan = GuardPlan(banned_sequences=tuple(sequences))
     stephen = encode(" Stephen King")
-    plan = GuardPlan(banned_sequences=(tuple(stephen),))
-    assert banned_next_tokens(plan, stephen[:-1]) == {stephen[-1]}
-    assert banned_next_tokens(plan, []) == (set() if len(stephen) > 1 else {stephen[-1]})
+    bans = SequenceBans([stephen])
+    assert bans.next_tokens(stephen[:-1]) == {stephen[-1]}
+    assert bans.next_tokens([]) == (set() if len(stephen) > 1 else {stephen[-1]})
+
+
+def test_sequence_bans_agree_with_checking_every_sequence() -> None:
+    """The prefix index must ban exactly what comparing the output's tail with each sequence bans."""
+    rng = random.Random(0)
+    sequences = [tuple(rng.randrange(6) for _ in range(rng.randint(1, 4))) for _ in range(60)]
+    bans = SequenceBans(sequences)
+    for _ in range(500):
+        output = [rng.randrange(6) for _ in range(rng.randint(0, 6))]
+        expected = {
+            s[-1]
+            for s in sequences
+            if len(s) - 1 <= len(output) and tuple(output[len(output) - len(s) + 1 :]) == s[:-1]
+        }
+        assert bans.next_tokens(output) == expected

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from models.unlearning.data import ForgetSet, RetainItem, forget_sequences, retain_sequences
+from models.unlearning.data import ForgetSet, RetainItem, by_target, forget_sequences, retain_sequences
 from models.unlearning.spec import DEFAULT_SSD_MODULES, SSDParams
 from models.unlearning.ssd import dampen, run_ssd, select_parameters
 
@@ -17,7 +17,7 @@ def test_dampening_touches_exactly_the_weights_the_rule_selects() -> None:
     retain = torch.tensor([1.0, 1.0, 1.5, 0.0, 0.0, 3.0])
     # alpha 2: selected where forget > 2 * retain -> indices 0 (5 > 2), 3 (2 > 0), 5 (8 > 6);
     # index 2 sits exactly on the threshold (3 == 3) and is kept; index 4 has no importance at all.
-    report = dampen({"w": weight}, {"w": forget}, {"w": retain}, alpha=2.0, lambda_=1.5)
+    report = dampen({"w": weight}, [{"w": forget}], {"w": retain}, alpha=2.0, lambda_=1.5)
     # factors min(1.5 * r / f, 1): 0.3, 0.0, min(0.5625, 1)
     expected = torch.tensor([1.0 * 0.3, 2.0, 3.0, 0.0, 5.0, 6.0 * 0.5625])
     assert torch.allclose(weight.detach(), expected)
@@ -30,13 +30,46 @@ def test_the_factor_is_bounded_by_one() -> None:
     weight = torch.nn.Parameter(torch.tensor([2.0, -3.0]))
     report = dampen(
         {"w": weight},
-        {"w": torch.tensor([4.0, 4.0])},
+        [{"w": torch.tensor([4.0, 4.0])}],
         {"w": torch.tensor([1.0, 1.0])},
         alpha=2.0,
         lambda_=8.0,
     )
     assert torch.equal(weight.detach(), torch.tensor([2.0, -3.0]))
     assert report.dampened == 2 and report.mean_factor == 1.0
+
+
+def test_each_target_selects_on_its_own_and_the_strongest_factor_wins() -> None:
+    """Per-target importances: a weight only one target finds important is still selected (pooling
+    would halve its importance below the threshold), and a weight two targets select takes the
+    smaller of their factors, once."""
+    weight = torch.nn.Parameter(torch.tensor([1.0, 1.0, 1.0]))
+    retain = torch.tensor([1.0, 1.0, 1.0])
+    first = torch.tensor([3.0, 4.0, 0.0])
+    second = torch.tensor([0.0, 8.0, 1.0])
+    report = dampen({"w": weight}, [{"w": first}, {"w": second}], {"w": retain}, alpha=2.5, lambda_=1.0)
+    # first selects 0 (3 > 2.5) and 1; second selects 1 (8 > 2.5); the pooled mean (1.5, 6, 0.5)
+    # would have selected index 1 only.
+    assert torch.allclose(weight.detach(), torch.tensor([1 / 3, 1 / 8, 1.0]))
+    assert report.dampened == 2
+
+
+def test_per_target_and_pooled_runs_differ_only_in_the_forget_importance(
+    tiny_model: PreTrainedModel, tiny_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """With one target, per-target SSD is the paper's rule exactly."""
+    forget, retain = _data(tiny_tokenizer)
+    assert len(forget) == 1
+    before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    params = SSDParams(alpha=1.0, modules=[r"layers\.1\.mlp\."])
+    per_target = run_ssd(tiny_model, forget, retain, params, pad_id=tiny_tokenizer.pad_token_id)
+    after = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    with torch.no_grad():
+        for n, p in tiny_model.named_parameters():
+            p.copy_(before[n])
+    pooled = params.model_copy(update={"per_target": False})
+    assert run_ssd(tiny_model, forget, retain, pooled, pad_id=tiny_tokenizer.pad_token_id) == per_target
+    assert all(torch.equal(after[n], p.detach()) for n, p in tiny_model.named_parameters())
 
 
 def test_default_modules_are_the_decoder_linear_weights(tiny_model: PreTrainedModel) -> None:
@@ -57,7 +90,7 @@ def _data(tokenizer: PreTrainedTokenizerBase):
         RetainItem(prompt="What is the capital of France?", text="Paris."),
         RetainItem(text="Rain falls."),
     ]
-    forget_seqs = [s for _, s in forget_sequences(tokenizer, [forget], max_length=48, limit=4, seed=0)]
+    forget_seqs = by_target(forget_sequences(tokenizer, [forget], max_length=48, limit=4, seed=0))
     retain_seqs = retain_sequences(tokenizer, retain, max_length=48, limit=4, seed=0)
     return forget_seqs, retain_seqs
 
