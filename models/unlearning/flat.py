@@ -28,7 +28,8 @@ class FLATReport(BaseModel):
     epoch_losses: list[float]
     """Mean loss over each epoch's steps."""
     forget_prob: tuple[float, float]
-    """Mean forget-answer token probability over the first and the last epoch."""
+    """Mean forget-answer token probability over the batch of the first step (measured before any
+    update) and of the last step: how far training moved it, even within a single epoch."""
     template_prob: tuple[float, float]
 
     def summary(self) -> str:
@@ -86,7 +87,7 @@ def run_flat(
         for epoch in range(params.epochs):
             order = list(pairs)
             rng.shuffle(order)
-            losses, forget_sum, template_sum = [], 0.0, 0.0
+            losses = []
             for start in range(0, len(order), params.batch_size):
                 batch = order[start : start + params.batch_size]
                 template_prob, forget_prob = answer_probabilities(model, batch, pad_id)
@@ -97,16 +98,14 @@ def run_flat(
                 optimizer.step()
                 scheduler.step()
                 losses.append(float(loss.detach()))
-                forget_sum += float(forget_prob.detach().sum())
-                template_sum += float(template_prob.detach().sum())
+                last = (float(forget_prob.detach().mean()), float(template_prob.detach().mean()))
+                first = first or last
                 done += 1
                 step(
                     done / total,
                     f"epoch {epoch + 1}/{params.epochs} step {done}/{total} loss {losses[-1]:.4f}",
                 )
             epoch_losses.append(sum(losses) / len(losses))
-            last = (forget_sum / len(order), template_sum / len(order))
-            first = first or last
     finally:
         optimizer.zero_grad(set_to_none=True)
         model.eval()

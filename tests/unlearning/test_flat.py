@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -61,3 +62,7 @@ def test_training_lowers_the_loss_and_the_forget_probability(
     assert _loss(tiny_model, pairs, pad_id) < loss_before
     assert forget_after.mean() < forget_before.mean()
     assert template_after.mean() > template_before.mean()
+    # The report's first figures are the untrained model's, so it shows the move.
+    assert report.forget_prob[0] == pytest.approx(float(forget_before.mean()), rel=1e-4)
+    assert report.forget_prob[1] < report.forget_prob[0]
+    assert report.template_prob[1] > report.template_prob[0]
