@@ -22,9 +22,6 @@ class SequenceBans:
                 by_length[len(sequence) - 1][tuple(sequence[:-1])].add(sequence[-1])
         self._by_length = {length: dict(prefixes) for length, prefixes in by_length.items()}
 
-    def __bool__(self) -> bool:
-        return bool(self._by_length)
-
     def next_tokens(self, output_ids: Sequence[int]) -> set[int]:
         """Tokens that would complete a banned sequence right now."""
         banned: set[int] = set()

@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
@@ -108,6 +108,9 @@ async def _ask(config: EvalConfig, probes: list[Probe], console: Console) -> tup
 
 AUDIT_SETTLE_SECONDS = 1.0
 """The server appends audit entries off the response path; give the last ones time to land."""
+CLOCK_SKEW = timedelta(minutes=10)
+"""The audit is read back to this long before the run started by this machine's clock, in case the
+server's runs behind; entries are matched by response id, so older ones are only read, not counted."""
 
 
 def _fired_names(
@@ -117,7 +120,7 @@ def _fired_names(
     (detection not reported) when the trail cannot be read: the answers are worth keeping anyway."""
     time.sleep(AUDIT_SETTLE_SECONDS)
     try:
-        fired = admin.fired_targets(since)
+        fired = admin.fired_targets(since - CLOCK_SKEW)
     except AdminError as error:
         console.print(f"[yellow]detection is not reported: {error}[/]")
         return None
