@@ -1,0 +1,121 @@
+"""Per-target SSD at several (alpha, lambda) settings on the same Fisher importances.
+
+The Fishers are the expensive part of SSD and do not depend on alpha or lambda, so they are
+computed once (retain, then one per RWKU target, as `lethe unlearn ssd` computes them) and each
+setting only re-applies the dampening to the original weights and measures the result with the
+automatic evaluation of `lethe unlearn` (fewer probes per split, no MIA, to keep a setting under a
+minute). The first row measures the undampened model on the same probes.
+
+    python bench/ssd_sweep.py [--forget-samples 320] [--retain-samples 64] [--probes 5] \
+        50,1 150,1 500,1 50,25
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+if TYPE_CHECKING:
+    from gateway.unlearning_eval import Measurement
+
+
+def _setting(value: str) -> tuple[float, float]:
+    alpha, lambda_ = value.split(",")
+    return float(alpha), float(lambda_)
+
+
+def _scores(measured: Measurement) -> str:
+    """Forget and neighbour recall (means over targets) and TOFU recall, as table cells."""
+    snapshots = measured.per_target.values()
+    forget = [s.forget_recall for s in snapshots if s.forget_recall is not None]
+    neighbour = [s.neighbour_recall for s in snapshots if s.neighbour_recall is not None]
+    return (
+        f"{sum(forget) / len(forget):.3f} | {sum(neighbour) / len(neighbour):.3f} |"
+        f" {measured.utility_recall or 0:.3f}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("settings", nargs="+", type=_setting, metavar="ALPHA,LAMBDA")
+    parser.add_argument("--forget-samples", type=int, default=320, help="forget sequences, all targets")
+    parser.add_argument("--retain-samples", type=int, default=64)
+    parser.add_argument("--probes", type=int, default=5, help="probes per RWKU split and target")
+    parser.add_argument("--data-dir", default=None, help="evaluation data (default: $LETHE_EVAL_DATA)")
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gateway.config import Settings
+    from gateway.evaluation.datasets import resolve_data_dir
+    from gateway.store import open_store
+    from gateway.unlearning_data import is_rwku_folder, resolve_targets, retain_corpus
+    from gateway.unlearning_eval import EvaluationOptions, build_plan, measure
+    from models.embedded import embedded_checkpoint
+    from models.unlearning.data import by_target, forget_sequences, retain_sequences, retain_texts
+    from models.unlearning.fisher import diagonal_fisher
+    from models.unlearning.spec import SSDParams
+    from models.unlearning.ssd import dampen, select_parameters
+
+    data = resolve_data_dir(args.data_dir)
+    defaults = SSDParams()
+    path = embedded_checkpoint(Settings().home)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.eval()
+    folders = [str(f) for f in sorted((data / "rwku").iterdir()) if is_rwku_folder(str(f))]
+    store = open_store(Settings(database=Path("/tmp/lethe-bench-ssd-sweep.db")))
+    try:
+        targets = resolve_targets(folders, store, data)
+    finally:
+        store.close()
+    retain = retain_corpus(data)
+    pad_id = tokenizer.pad_token_id
+    chosen = forget_sequences(
+        tokenizer,
+        [t.forget for t in targets],
+        max_length=defaults.max_length,
+        limit=args.forget_samples,
+        seed=0,
+    )
+    kept = retain_sequences(
+        tokenizer, retain, max_length=defaults.max_length, limit=args.retain_samples, seed=0
+    )
+    candidates = select_parameters(model, defaults.module_patterns())
+
+    started = time.perf_counter()
+    fisher = {"pad_id": pad_id, "batch_size": defaults.batch_size}
+    retain_importance = diagonal_fisher(model, kept, candidates, **fisher)
+    forget_importances = [diagonal_fisher(model, group, candidates, **fisher) for group in by_target(chosen)]
+    print(
+        f"Fishers of {len(kept)} retain and {len(chosen)} forget sequences:"
+        f" {time.perf_counter() - started:.0f} s"
+    )
+
+    original = {name: p.detach().clone() for name, p in candidates.items()}
+    options = EvaluationOptions(samples=args.probes, utility_samples=8)
+    plan = dataclasses.replace(build_plan(targets, retain_texts(retain), data, options), mia={})
+    print("| alpha, lambda | weights dampened (mean factor) | forget | neighbour | TOFU |")
+    print("|---|---|---|---|---|")
+    print(f"| before | - | {_scores(measure(model, tokenizer, plan))} |", flush=True)
+    for alpha, lambda_ in args.settings:
+        with torch.no_grad():
+            for name, p in candidates.items():
+                p.copy_(original[name])
+        report = dampen(candidates, forget_importances, retain_importance, alpha=alpha, lambda_=lambda_)
+        factor = "-" if report.mean_factor is None else f"{report.mean_factor:.2g}"
+        scores = _scores(measure(model, tokenizer, plan))
+        print(f"| {alpha:g}, {lambda_:g} | {report.dampened:,} ({factor}) | {scores} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
