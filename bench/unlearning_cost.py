@@ -22,8 +22,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DATA = Path("/work/shared/eval")
-
 
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -35,7 +33,7 @@ def measure_one(method: str, docs: int, retain: int, max_length: int, threads: i
 
     from gateway.config import Settings
     from gateway.store import open_store
-    from gateway.unlearning_data import is_rwku_folder, resolve_targets, retain_corpus
+    from gateway.unlearning_data import default_data_dir, is_rwku_folder, resolve_targets, retain_corpus
     from models.embedded import embedded_checkpoint
     from models.unlearning.data import by_target, flat_pairs, forget_sequences, retain_sequences
     from models.unlearning.flat import run_flat
@@ -43,12 +41,13 @@ def measure_one(method: str, docs: int, retain: int, max_length: int, threads: i
     from models.unlearning.ssd import run_ssd
 
     torch.set_num_threads(threads)
+    data = default_data_dir()  # where `lethe unlearn` reads it: $LETHE_EVAL_DATA
     path = embedded_checkpoint(Settings().home)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    folders = [str(f) for f in sorted((DATA / "rwku").iterdir()) if is_rwku_folder(str(f))]
+    folders = [str(f) for f in sorted((data / "rwku").iterdir()) if is_rwku_folder(str(f))]
     store = open_store(Settings(database=Path("/tmp/lethe-bench-unlearning.db")))
-    sets = [t.forget for t in resolve_targets(folders, store, DATA)]
+    sets = [t.forget for t in resolve_targets(folders, store, data)]
     store.close()
     pad_id = tokenizer.pad_token_id
     loaded_rss = _rss_mb()
@@ -56,7 +55,7 @@ def measure_one(method: str, docs: int, retain: int, max_length: int, threads: i
     if method == "ssd":
         params = SSDParams(forget_samples=docs, retain_samples=retain, max_length=max_length)
         forget = by_target(forget_sequences(tokenizer, sets, max_length=max_length, limit=docs, seed=0))
-        kept = retain_sequences(tokenizer, retain_corpus(DATA), max_length=max_length, limit=retain, seed=0)
+        kept = retain_sequences(tokenizer, retain_corpus(data), max_length=max_length, limit=retain, seed=0)
         run_ssd(model, forget, kept, params, pad_id=pad_id)
     else:
         params = FLATParams(forget_samples=docs, max_length=max_length, epochs=1)
