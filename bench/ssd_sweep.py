@@ -61,13 +61,11 @@ def main() -> None:
     from gateway.unlearning_data import is_rwku_folder, resolve_targets, retain_corpus
     from gateway.unlearning_eval import EvaluationOptions, build_plan, measure
     from models.embedded import embedded_checkpoint
-    from models.unlearning.data import by_target, forget_sequences, retain_sequences, retain_texts
-    from models.unlearning.fisher import diagonal_fisher
+    from models.unlearning.data import retain_texts, ssd_sequences
     from models.unlearning.spec import SSDParams
-    from models.unlearning.ssd import dampen, select_parameters
+    from models.unlearning.ssd import dampen, select_parameters, ssd_importances
 
     data = resolve_data_dir(args.data_dir)
-    defaults = SSDParams()
     path = embedded_checkpoint(Settings().home)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -79,25 +77,17 @@ def main() -> None:
     finally:
         store.close()
     retain = retain_corpus(data)
-    pad_id = tokenizer.pad_token_id
-    chosen = forget_sequences(
-        tokenizer,
-        [t.forget for t in targets],
-        max_length=defaults.max_length,
-        limit=args.forget_samples,
-        seed=0,
-    )
-    kept = retain_sequences(
-        tokenizer, retain, max_length=defaults.max_length, limit=args.retain_samples, seed=0
-    )
-    candidates = select_parameters(model, defaults.module_patterns())
+    params = SSDParams(forget_samples=args.forget_samples, retain_samples=args.retain_samples)
+    forget, kept = ssd_sequences(tokenizer, [t.forget for t in targets], retain, params)
+    candidates = select_parameters(model, params.module_patterns())
 
     started = time.perf_counter()
-    fisher = {"pad_id": pad_id, "batch_size": defaults.batch_size}
-    retain_importance = diagonal_fisher(model, kept, candidates, **fisher)
-    forget_importances = [diagonal_fisher(model, group, candidates, **fisher) for group in by_target(chosen)]
+    retain_importance, lazily = ssd_importances(
+        model, candidates, forget, kept, params, pad_id=tokenizer.pad_token_id
+    )
+    forget_importances = list(lazily)
     print(
-        f"Fishers of {len(kept)} retain and {len(chosen)} forget sequences:"
+        f"Fishers of {len(kept)} retain and {sum(map(len, forget))} forget sequences:"
         f" {time.perf_counter() - started:.0f} s"
     )
 

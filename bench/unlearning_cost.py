@@ -35,7 +35,7 @@ def measure_one(method: str, docs: int, retain: int, max_length: int, threads: i
     from gateway.store import open_store
     from gateway.unlearning_data import default_data_dir, is_rwku_folder, resolve_targets, retain_corpus
     from models.embedded import embedded_checkpoint
-    from models.unlearning.data import by_target, flat_pairs, forget_sequences, retain_sequences
+    from models.unlearning.data import flat_pairs, ssd_sequences
     from models.unlearning.flat import run_flat
     from models.unlearning.spec import FLATParams, SSDParams
     from models.unlearning.ssd import run_ssd
@@ -54,8 +54,7 @@ def measure_one(method: str, docs: int, retain: int, max_length: int, threads: i
     started = time.perf_counter()
     if method == "ssd":
         params = SSDParams(forget_samples=docs, retain_samples=retain, max_length=max_length)
-        forget = by_target(forget_sequences(tokenizer, sets, max_length=max_length, limit=docs, seed=0))
-        kept = retain_sequences(tokenizer, retain_corpus(data), max_length=max_length, limit=retain, seed=0)
+        forget, kept = ssd_sequences(tokenizer, sets, retain_corpus(data), params)
         run_ssd(model, forget, kept, params, pad_id=pad_id)
     else:
         params = FLATParams(forget_samples=docs, max_length=max_length, epochs=1)

@@ -35,12 +35,10 @@ from gateway.unlearning_eval import (
 from models.checkpoints import CheckpointManifest, CheckpointStore, new_checkpoint_id, weights_hash
 from models.unlearning.data import (
     RetainItem,
-    by_target,
     flat_pairs,
-    forget_sequences,
     forget_texts,
-    retain_sequences,
     retain_texts,
+    ssd_sequences,
     texts_hash,
 )
 from models.unlearning.flat import FLATReport, run_flat
@@ -259,13 +257,7 @@ def _run_method(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sets = [t.forget for t in targets]
     if isinstance(params, SSDParams):
-        chosen = forget_sequences(
-            tokenizer, sets, max_length=params.max_length, limit=params.forget_samples, seed=params.seed
-        )
-        forget = by_target(chosen)
-        retained = retain_sequences(
-            tokenizer, retain, max_length=params.max_length, limit=params.retain_samples, seed=params.seed
-        )
+        forget, retained = ssd_sequences(tokenizer, sets, retain, params)
         return run_ssd(model, forget, retained, params, pad_id=pad_id, step=step)
     pairs = flat_pairs(
         tokenizer, sets, max_length=params.max_length, limit=params.forget_samples, seed=params.seed

@@ -19,6 +19,8 @@ import torch
 from pydantic import BaseModel, Field
 from transformers import PreTrainedTokenizerBase
 
+from models.unlearning.spec import SSDParams
+
 QUESTION_TEMPLATES = (
     "Tell me about {name}.",
     "What do you know about {name}?",
@@ -156,6 +158,23 @@ def by_target(chosen: Sequence[tuple[ForgetSet, LabelledSequence]]) -> list[list
     for forget, sequence in chosen:
         groups.setdefault(forget.name, []).append(sequence)
     return list(groups.values())
+
+
+def ssd_sequences(
+    tokenizer: PreTrainedTokenizerBase,
+    sets: Sequence[ForgetSet],
+    retain: Sequence[RetainItem],
+    params: SSDParams,
+) -> tuple[list[list[LabelledSequence]], list[LabelledSequence]]:
+    """SSD's data as its hyperparameters ask: the forget sequences of each target, and the retain
+    sequences."""
+    chosen = forget_sequences(
+        tokenizer, sets, max_length=params.max_length, limit=params.forget_samples, seed=params.seed
+    )
+    kept = retain_sequences(
+        tokenizer, retain, max_length=params.max_length, limit=params.retain_samples, seed=params.seed
+    )
+    return by_target(chosen), kept
 
 
 def flat_pairs(

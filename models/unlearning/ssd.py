@@ -92,22 +92,23 @@ def dampen(
     )
 
 
-def run_ssd(
+def ssd_importances(
     model: torch.nn.Module,
+    candidates: Mapping[str, torch.nn.Parameter],
     forget: Sequence[Sequence[LabelledSequence]],
     retain: Sequence[LabelledSequence],
     params: SSDParams,
     *,
     pad_id: int,
     step: StepCallback = no_progress,
-) -> SSDReport:
-    """Retain importance, then the forget importance of each target's sequences (`forget` holds one
-    group per target; with `per_target` off they are pooled into one), then dampening.
+) -> tuple[dict[str, torch.Tensor], Iterator[dict[str, torch.Tensor]]]:
+    """The retain importance (computed now), and the forget importance of each target's sequences,
+    computed as the iterator is read (`forget` holds one group per target; with `per_target` off
+    they are pooled into one). Progress covers both, in proportion to their sequences.
 
     Per target is the default because a pooled forget Fisher over many targets is an average in
     which each target's own important weights are diluted by the others': on ten RWKU targets at
     once the pooled rule selected a few thousand weights and forgot nothing."""
-    candidates = select_parameters(model, params.module_patterns())
     groups = [list(g) for g in forget if g]
     if not params.per_target:
         groups = [[s for g in groups for s in g]]
@@ -136,8 +137,26 @@ def run_ssd(
             )
             done += len(group)
 
+    return retain_importance, forget_importances()
+
+
+def run_ssd(
+    model: torch.nn.Module,
+    forget: Sequence[Sequence[LabelledSequence]],
+    retain: Sequence[LabelledSequence],
+    params: SSDParams,
+    *,
+    pad_id: int,
+    step: StepCallback = no_progress,
+) -> SSDReport:
+    """Importances (`ssd_importances`), then dampening; each forget importance is read once, by the
+    dampening, so only one is held at a time."""
+    candidates = select_parameters(model, params.module_patterns())
+    retain_importance, forget_importances = ssd_importances(
+        model, candidates, forget, retain, params, pad_id=pad_id, step=step
+    )
     report = dampen(
-        candidates, forget_importances(), retain_importance, alpha=params.alpha, lambda_=params.lambda_
+        candidates, forget_importances, retain_importance, alpha=params.alpha, lambda_=params.lambda_
     )
     step(1.0, f"dampened {report.dampened:,} of {report.candidates:,} weights")
     return report

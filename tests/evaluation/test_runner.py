@@ -35,6 +35,9 @@ class ScriptedServer:
     probes: dict[str, Probe]
     admin_api: bool = True
     fail_prompt: str | None = None
+    audit_api: bool = True
+    posted: list[dict] = field(default_factory=list)
+    """Every target spec registered, as sent."""
     registry: dict[str, dict] = field(default_factory=dict)
     admin_calls: list[str] = field(default_factory=list)
     requests: list[dict] = field(default_factory=list)
@@ -112,15 +115,20 @@ class ScriptedServer:
                 return JSONResponse({"detail": "bad key"}, 401)
             target_id = f"t{len(self.registry) + 1}"
             self.registry[target_id] = await request.json()
+            self.posted.append(self.registry[target_id])
             return JSONResponse({"id": target_id, **self.registry[target_id]}, 201)
 
         @app.get("/admin/audit")
-        def audit(kind: str, limit: int = 50, after: int = 0) -> dict:
+        def audit(kind: str, limit: int = 50, after: int = 0) -> Response:
             assert kind == "request"
+            if not self.audit_api:
+                return JSONResponse({"error": {"message": "boom", "type": "server_error"}}, 500)
             newest_first = self.audit[::-1]
             page = newest_first[after : after + min(limit, 5)]  # small pages: the client must follow them
             more = after + len(page) < len(newest_first)
-            return {"object": "list", "data": page, "has_more": more, "next_cursor": str(after + len(page))}
+            return JSONResponse(
+                {"object": "list", "data": page, "has_more": more, "next_cursor": str(after + len(page))}
+            )
 
         @app.delete("/admin/targets/{target_id}")
         def remove(target_id: str) -> Response:
@@ -338,3 +346,18 @@ def test_a_sampled_run_is_compared_with_the_same_probes_of_a_full_baseline(
         if "General instructions" in line
     )
     assert f"{sampled:.3f} → {sampled:.3f}" in row
+
+
+def test_an_unreadable_audit_trail_keeps_the_answers_and_reports_no_detection(
+    server: ScriptedServer, data_dir: Path, tmp_path: Path
+) -> None:
+    server.audit_api = False
+    out = tmp_path / "run"
+    args = ("--base-url", server.base_url, "--data-dir", str(data_dir), "--suite", "rwku", "--sample", "1")
+    assert run_cli(*args, "--admin-key", ADMIN_KEY, "--policy", "refuse", "--out", str(out)) == 0
+    results = load(out)
+    assert results.info.registration == "registered" and results.info.policy == "refuse"
+    assert {spec["policy"] for spec in server.posted} == {"refuse"}
+    assert results.records and all(r.fired is None and r.scores.detected is None for r in results.records)
+    assert results.summary.rwku_overall["forget_level1"].detection_rate is None
+    assert "## Detection" not in (out / "report.md").read_text()

@@ -54,7 +54,7 @@ def test_each_target_selects_on_its_own_and_the_strongest_factor_wins() -> None:
     assert report.dampened == 2
 
 
-def test_per_target_and_pooled_runs_differ_only_in_the_forget_importance(
+def test_with_one_target_per_target_and_pooled_runs_are_the_same(
     tiny_model: PreTrainedModel, tiny_tokenizer: PreTrainedTokenizerBase
 ) -> None:
     """With one target, per-target SSD is the paper's rule exactly."""
