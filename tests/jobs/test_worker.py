@@ -81,7 +81,10 @@ def test_progress_eta_and_logs_reach_the_job_while_it_runs(settings: Settings, s
         return report(*args, **kwargs)
 
     store.report_job = counted  # type: ignore[method-assign]
-    done = Worker(settings, store, run).run_once()
+    # No heartbeat during these 2 s: a forced heartbeat write inside the pause after step 10 would
+    # restart the throttle, and step 11's update, the one read back, would not be written.
+    quiet = settings.model_copy(update={"worker_heartbeat_seconds": 30.0, "worker_stale_seconds": 60.0})
+    done = Worker(quiet, store, run).run_once()
     midway = seen[0]
     assert midway.state == "running" and 50 <= midway.progress <= 60
     assert midway.message and midway.message.startswith("step 1")
