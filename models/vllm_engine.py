@@ -155,10 +155,18 @@ class VLLMEngine(TokenizerMethods):
         self.max_context = self._llm.model_config.max_model_len
 
     async def shutdown(self) -> None:
+        """Stop the engine core, off the event loop.
+
+        `AsyncLLM.shutdown` blocks until the engine core and its worker processes have exited
+        (seconds on these CPUs). After a promote or rollback the replaced engine is shut down while
+        the gateway keeps serving on the new one, so a blocking call here would stall every request
+        for that long; vLLM's shutdown is safe from another thread (it hands socket and task cleanup
+        back to the loop with `call_soon_threadsafe`)."""
         self._stopped = True
         llm, self._llm = self._llm, None
         if llm is not None:
-            llm.shutdown()  # and drop the last reference now: its __del__ fails at interpreter exit
+            await asyncio.to_thread(llm.shutdown)
+            del llm  # drop the last reference now: its __del__ fails at interpreter exit
 
     def is_healthy(self) -> bool:
         return self._llm is not None and not self._stopped and not self._llm.errored
