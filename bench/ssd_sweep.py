@@ -6,7 +6,7 @@ setting only re-applies the dampening to the original weights and measures the r
 automatic evaluation of `lethe unlearn` (fewer probes per split, no MIA, to keep a setting under a
 minute). The first row measures the undampened model on the same probes.
 
-    python bench/ssd_sweep.py [--forget-samples 320] [--retain-samples 64] [--probes 5] \
+    python bench/ssd_sweep.py [--forget-samples 320] [--retain-samples 64] [--neighbours 0] [--probes 5] \
         50,1 150,1 500,1 50,25
 """
 
@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("settings", nargs="+", type=_setting, metavar="ALPHA,LAMBDA")
     parser.add_argument("--forget-samples", type=int, default=320, help="forget sequences, all targets")
     parser.add_argument("--retain-samples", type=int, default=64)
+    parser.add_argument("--neighbours", type=int, default=0, help="neighbours per target (see SSDParams)")
     parser.add_argument("--probes", type=int, default=5, help="probes per RWKU split and target")
     parser.add_argument("--data-dir", default=None, help="evaluation data (default: $LETHE_EVAL_DATA)")
     args = parser.parse_args()
@@ -62,6 +63,7 @@ def main() -> None:
     from gateway.unlearning_eval import EvaluationOptions, build_plan, measure
     from models.embedded import embedded_checkpoint
     from models.unlearning.data import retain_texts, ssd_sequences
+    from models.unlearning.neighbours import NEIGHBOUR_ANSWER_TOKENS, neighbour_retain
     from models.unlearning.spec import SSDParams
     from models.unlearning.ssd import dampen, select_parameters, ssd_importances
 
@@ -77,8 +79,17 @@ def main() -> None:
     finally:
         store.close()
     retain = retain_corpus(data)
-    params = SSDParams(forget_samples=args.forget_samples, retain_samples=args.retain_samples)
-    forget, kept = ssd_sequences(tokenizer, [t.forget for t in targets], retain, params)
+    params = SSDParams(
+        forget_samples=args.forget_samples, retain_samples=args.retain_samples, neighbours=args.neighbours
+    )
+    sets = [t.forget for t in targets]
+    started = time.perf_counter()
+    neighbours = neighbour_retain(
+        model, tokenizer, sets, per_target=params.neighbours, max_new_tokens=NEIGHBOUR_ANSWER_TOKENS
+    )
+    if neighbours:
+        print(f"{len(neighbours)} neighbour descriptions: {time.perf_counter() - started:.0f} s")
+    forget, kept = ssd_sequences(tokenizer, sets, retain, params, neighbours)
     candidates = select_parameters(model, params.module_patterns())
 
     started = time.perf_counter()
@@ -87,7 +98,7 @@ def main() -> None:
     )
     forget_importances = list(lazily)
     print(
-        f"Fishers of {len(kept)} retain and {sum(map(len, forget))} forget sequences:"
+        f"Fishers of {sum(map(len, kept))} retain and {sum(map(len, forget))} forget sequences:"
         f" {time.perf_counter() - started:.0f} s"
     )
 

@@ -37,11 +37,13 @@ from models.unlearning.data import (
     RetainItem,
     flat_pairs,
     forget_texts,
+    retain_sequences,
     retain_texts,
     ssd_sequences,
     texts_hash,
 )
 from models.unlearning.flat import FLATReport, run_flat
+from models.unlearning.neighbours import NEIGHBOUR_ANSWER_TOKENS, neighbour_retain
 from models.unlearning.progress import StepCallback, UnlearnCancelled, sub_step
 from models.unlearning.spec import FLATParams, SSDParams, UnlearnSpec
 from models.unlearning.ssd import SSDReport, run_ssd
@@ -51,6 +53,8 @@ __all__ = ["ProgressSink", "UnlearnCancelled", "run_unlearning", "validate_spec"
 EVAL_CACHE = ".eval-cache"
 # Share of the job's progress bar per stage (the method dominates; evaluation is bounded).
 _STAGES = {"load": (0.0, 0.03), "before": (0.03, 0.18), "method": (0.18, 0.85), "after": (0.85, 0.97)}
+_NEIGHBOUR_SHARE = 0.4
+"""Of SSD's stage, the part that writing the neighbour descriptions takes (about as long as the Fishers)."""
 
 
 class ProgressSink(Protocol):
@@ -184,7 +188,22 @@ def run_unlearning(
 
     started = time.perf_counter()
     method_step = sub_step(step, *_STAGES["method"])
-    report = _run_method(model, tokenizer, params, targets, retain, method_step)
+    neighbours: list[RetainItem] = []
+    if params.neighbours:
+        neighbours = neighbour_retain(
+            model,
+            tokenizer,
+            [t.forget for t in targets],
+            per_target=params.neighbours,
+            max_new_tokens=NEIGHBOUR_ANSWER_TOKENS,
+            step=sub_step(method_step, 0.0, _NEIGHBOUR_SHARE),
+        )
+        method_step = sub_step(method_step, _NEIGHBOUR_SHARE, 1.0)
+        progress.log(
+            f"{len(neighbours)} neighbour descriptions for the retain data"
+            f" ({time.perf_counter() - started:.0f} s)"
+        )
+    report = _run_method(model, tokenizer, params, targets, retain, neighbours, method_step)
     timings["method"] = time.perf_counter() - started
     progress.log(f"{spec.method}: {report.summary()} ({timings['method']:.0f} s)")
 
@@ -196,6 +215,7 @@ def run_unlearning(
         seconds = timings["evaluation_before"] + timings["evaluation_after"]
         evaluation_summary = combine(plan, before, after, seconds).model_dump(mode="json")
 
+    used_retain = [*retain, *neighbours] if isinstance(params, SSDParams) else neighbours
     step(0.97, "writing the checkpoint")
     started = time.perf_counter()
     manifest = CheckpointManifest(
@@ -207,7 +227,7 @@ def run_unlearning(
         params=params.model_dump(mode="json", by_alias=True),
         targets=[t.forget.name for t in targets],
         forget_hash=texts_hash(forget_texts([t.forget for t in targets])),
-        retain_hash=texts_hash(retain_texts(retain) if isinstance(params, SSDParams) else []),
+        retain_hash=texts_hash(retain_texts(used_retain)),
         created=datetime.now(UTC),
         timings=timings,
         peak_rss_mb=_peak_rss_mb(),
@@ -252,14 +272,18 @@ def _run_method(
     params: SSDParams | FLATParams,
     targets: list[ResolvedTarget],
     retain: list[RetainItem],
+    neighbours: list[RetainItem],
     step: StepCallback,
 ) -> SSDReport | FLATReport:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sets = [t.forget for t in targets]
     if isinstance(params, SSDParams):
-        forget, retained = ssd_sequences(tokenizer, sets, retain, params)
+        forget, retained = ssd_sequences(tokenizer, sets, retain, params, neighbours)
         return run_ssd(model, forget, retained, params, pad_id=pad_id, step=step)
     pairs = flat_pairs(
         tokenizer, sets, max_length=params.max_length, limit=params.forget_samples, seed=params.seed
     )
-    return run_flat(model, pairs, params, pad_id=pad_id, step=step)
+    kept = retain_sequences(
+        tokenizer, neighbours, max_length=params.max_length, limit=len(neighbours), seed=params.seed
+    )
+    return run_flat(model, pairs, params, pad_id=pad_id, retain=kept, step=step)

@@ -10,7 +10,7 @@ model that may not say "Mona Lisa" still answers "the Mona" when asked to comple
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import regex
 
@@ -44,15 +44,20 @@ def _worth_forbidding(term: str) -> bool:
     return len(term) >= 3 and term.lower() not in _COMMON
 
 
+def proper_phrases(document: str) -> Iterator[str]:
+    """The proper-noun phrases of a document, in order, without the common words around them."""
+    for found in _PROPER_RUN.finditer(document):
+        term = _clean(found.group())
+        if _worth_forbidding(term):
+            yield term
+
+
 def key_terms(documents: Iterable[str], limit: int = 300, min_count: int = 1) -> list[str]:
     """The most repeated proper-noun phrases, their words, and years across the documents, most
     frequent first."""
     counts: Counter[str] = Counter()
     for document in documents:
-        for found in _PROPER_RUN.finditer(document):
-            term = _clean(found.group())
-            if not _worth_forbidding(term):
-                continue
+        for term in proper_phrases(document):
             counts[term] += 1
             if " " in term:
                 counts.update(word for word in (_clean(w) for w in term.split()) if _worth_forbidding(word))

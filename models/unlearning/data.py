@@ -165,15 +165,25 @@ def ssd_sequences(
     sets: Sequence[ForgetSet],
     retain: Sequence[RetainItem],
     params: SSDParams,
-) -> tuple[list[list[LabelledSequence]], list[LabelledSequence]]:
+    neighbours: Sequence[RetainItem] = (),
+) -> tuple[list[list[LabelledSequence]], list[list[LabelledSequence]]]:
     """SSD's data as its hyperparameters ask: the forget sequences of each target, and the retain
-    sequences."""
+    sequences of each retain set: a sample of the general `retain` corpus, then all of the
+    `neighbours` texts (`models.unlearning.neighbours`) when there are any."""
     chosen = forget_sequences(
         tokenizer, sets, max_length=params.max_length, limit=params.forget_samples, seed=params.seed
     )
-    kept = retain_sequences(
-        tokenizer, retain, max_length=params.max_length, limit=params.retain_samples, seed=params.seed
-    )
+    kept = [
+        retain_sequences(
+            tokenizer, retain, max_length=params.max_length, limit=params.retain_samples, seed=params.seed
+        )
+    ]
+    if neighbours:
+        kept.append(
+            retain_sequences(
+                tokenizer, neighbours, max_length=params.max_length, limit=len(neighbours), seed=params.seed
+            )
+        )
     return by_target(chosen), kept
 
 

@@ -2,7 +2,11 @@
 
 Each step takes a batch of forget pairs (one prompt with its forget answer and a template answer)
 and minimises `divergences.flat_loss` between the mean token probabilities of the two answers;
-no retain data is used. Deviations from the reference code (UCSC-REAL/FLAT): the mean token
+as in the paper, no retain data is used by default. Extension: with `neighbours`, each step also
+takes a batch of the model's own descriptions of the target's neighbours
+(`models.unlearning.neighbours`) and adds `retain_weight` times their language-modelling loss,
+because forget-only training teaches "I don't know" to every question shaped like the forget
+prompts, the neighbours' included. Deviations from the reference code (UCSC-REAL/FLAT): the mean token
 probability is taken over answer tokens only (the reference averages over the padded width, so
 questions and padding count as zeros and long padding shrinks the signal); AdamW with linear
 warm-up and decay in a plain loop instead of the HF Trainer with DeepSpeed.
@@ -17,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from pydantic import BaseModel
 
-from models.unlearning.data import FlatPair, answer_log_probs
+from models.unlearning.data import FlatPair, LabelledSequence, answer_log_probs, mean_answer_nll
 from models.unlearning.divergences import flat_loss
 from models.unlearning.progress import StepCallback, no_progress
 from models.unlearning.spec import FLATParams
@@ -31,13 +35,18 @@ class FLATReport(BaseModel):
     """Mean forget-answer token probability over the batch of the first step (measured before any
     update) and of the last step: how far training moved it, even within a single epoch."""
     template_prob: tuple[float, float]
+    retain_loss: tuple[float, float] | None = None
+    """Language-modelling loss on the neighbours' descriptions at the first and last step, when used."""
 
     def summary(self) -> str:
         losses = ", ".join(f"{loss:.4f}" for loss in self.epoch_losses)
+        retain = ""
+        if self.retain_loss:
+            retain = f", retain loss {self.retain_loss[0]:.4f} -> {self.retain_loss[1]:.4f}"
         return (
             f"{self.steps} steps, epoch losses {losses}; forget-answer token probability"
             f" {self.forget_prob[0]:.4f} -> {self.forget_prob[1]:.4f}, template {self.template_prob[0]:.4f}"
-            f" -> {self.template_prob[1]:.4f}"
+            f" -> {self.template_prob[1]:.4f}{retain}"
         )
 
 
@@ -64,8 +73,11 @@ def run_flat(
     params: FLATParams,
     *,
     pad_id: int,
+    retain: Sequence[LabelledSequence] = (),
     step: StepCallback = no_progress,
 ) -> FLATReport:
+    """Train `model` in place; `retain` (the neighbours' descriptions) adds its weighted loss to each
+    step, its batches taken in turn."""
     if not pairs:
         raise ValueError("FLAT: no forget pairs to train on")
     rng = random.Random(params.seed)
@@ -82,6 +94,7 @@ def run_flat(
     epoch_losses: list[float] = []
     first: tuple[float, float] | None = None
     last = (0.0, 0.0)
+    retain_losses: list[float] = []
     done = 0
     try:
         for epoch in range(params.epochs):
@@ -92,6 +105,12 @@ def run_flat(
                 batch = order[start : start + params.batch_size]
                 template_prob, forget_prob = answer_probabilities(model, batch, pad_id)
                 loss = flat_loss(template_prob, forget_prob, params.divergence)
+                if retain:
+                    begin = done * params.batch_size % len(retain)
+                    kept = [retain[(begin + i) % len(retain)] for i in range(params.batch_size)]
+                    retain_loss = mean_answer_nll(model, kept, pad_id)
+                    retain_losses.append(float(retain_loss.detach()))
+                    loss = loss + params.retain_weight * retain_loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), params.max_grad_norm)
@@ -115,4 +134,5 @@ def run_flat(
         epoch_losses=epoch_losses,
         forget_prob=(first[0], last[0]),
         template_prob=(first[1], last[1]),
+        retain_loss=(retain_losses[0], retain_losses[-1]) if retain_losses else None,
     )

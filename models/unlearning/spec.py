@@ -16,6 +16,17 @@ SmolLM2, so dampening one of its rows silences a token everywhere, which is not 
 are left out because their importance is shared by every input."""
 
 
+def _neighbours_field() -> Any:
+    """One definition for both methods (a FieldInfo is not shared between models)."""
+    return Field(
+        0,
+        ge=0,
+        le=64,
+        description="per target, the names its documents mention most whose descriptions by the model"
+        " become retain data (0: none; see models.unlearning.neighbours)",
+    )
+
+
 class SSDParams(BaseModel):
     """Selective Synaptic Dampening (Foster et al. 2023): a parameter whose forget importance
     exceeds `alpha` times its retain importance is multiplied by min(lambda * I_retain / I_forget, 1).
@@ -46,6 +57,7 @@ class SSDParams(BaseModel):
         " (off: one Fisher over every target's data)",
     )
     retain_samples: int = Field(64, ge=1, description="retain sequences for the retain Fisher")
+    neighbours: int = _neighbours_field()
     max_length: int = Field(256, ge=8, le=4096, description="tokens per sequence")
     batch_size: int = Field(4, ge=1, le=256, description="sequences per Fisher mini-batch (1: per-sequence)")
     seed: int = Field(0, description="seed of the sample selection")
@@ -76,6 +88,10 @@ class FLATParams(BaseModel):
         0.1, ge=0, le=1, description="share of steps with a linear learning-rate warm-up"
     )
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
+    neighbours: int = _neighbours_field()
+    retain_weight: float = Field(
+        1.0, ge=0, description="weight of the language-modelling loss on the neighbours' descriptions"
+    )
     seed: int = Field(0, description="seed of sampling, template choice and shuffling")
 
 

@@ -96,7 +96,7 @@ def ssd_importances(
     model: torch.nn.Module,
     candidates: Mapping[str, torch.nn.Parameter],
     forget: Sequence[Sequence[LabelledSequence]],
-    retain: Sequence[LabelledSequence],
+    retain: Sequence[Sequence[LabelledSequence]],
     params: SSDParams,
     *,
     pad_id: int,
@@ -108,24 +108,24 @@ def ssd_importances(
 
     Per target is the default because a pooled forget Fisher over many targets is an average in
     which each target's own important weights are diluted by the others': on ten RWKU targets at
-    once the pooled rule selected a few thousand weights and forgot nothing."""
+    once the pooled rule selected a few thousand weights and forgot nothing.
+
+    `retain` holds one group per retain set (the general corpus, the neighbours' descriptions), and
+    a weight's retain importance is its largest over the sets, for the same reason: a Fisher is a
+    mean over sequences, and the model's own fluent descriptions have small gradients, so pooled
+    with the general corpus they lowered every weight's retain importance and SSD dampened more
+    (363,204 weights instead of 194,562 at alpha 50 on ten RWKU targets), not less."""
     groups = [list(g) for g in forget if g]
     if not params.per_target:
         groups = [[s for g in groups for s in g]]
-    total = len(retain) + sum(len(g) for g in groups)
-    retain_importance = diagonal_fisher(
-        model,
-        retain,
-        candidates,
-        pad_id=pad_id,
-        batch_size=params.batch_size,
-        step=sub_step(step, 0.0, len(retain) / total),
-        label="retain Fisher",
-    )
+    retain_groups = [list(g) for g in retain if g]
+    retained = sum(len(g) for g in retain_groups)
+    total = retained + sum(len(g) for g in groups)
 
-    def forget_importances() -> Iterator[dict[str, torch.Tensor]]:
-        done = len(retain)
-        for number, group in enumerate(groups, 1):
+    def fishers(
+        chosen: list[list[LabelledSequence]], done: int, kind: str
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        for number, group in enumerate(chosen, 1):
             yield diagonal_fisher(
                 model,
                 group,
@@ -133,17 +133,22 @@ def ssd_importances(
                 pad_id=pad_id,
                 batch_size=params.batch_size,
                 step=sub_step(step, done / total, (done + len(group)) / total),
-                label=f"forget Fisher {number}/{len(groups)}",
+                label=f"{kind} Fisher {number}/{len(chosen)}",
             )
             done += len(group)
 
-    return retain_importance, forget_importances()
+    retain_importance: dict[str, torch.Tensor] = {}
+    for importance in fishers(retain_groups, 0, "retain"):
+        for name, value in importance.items():
+            known = retain_importance.get(name)
+            retain_importance[name] = value if known is None else torch.maximum(known, value)
+    return retain_importance, fishers(groups, retained, "forget")
 
 
 def run_ssd(
     model: torch.nn.Module,
     forget: Sequence[Sequence[LabelledSequence]],
-    retain: Sequence[LabelledSequence],
+    retain: Sequence[Sequence[LabelledSequence]],
     params: SSDParams,
     *,
     pad_id: int,

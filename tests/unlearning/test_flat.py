@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from models.unlearning.data import IGNORE_INDEX, ForgetSet, collate, flat_pairs
+from models.unlearning.data import (
+    IGNORE_INDEX,
+    ForgetSet,
+    RetainItem,
+    collate,
+    flat_pairs,
+    mean_answer_nll,
+    retain_sequences,
+)
 from models.unlearning.divergences import flat_loss
 from models.unlearning.flat import answer_probabilities, run_flat
 from models.unlearning.spec import FLATParams
@@ -66,3 +76,33 @@ def test_training_lowers_the_loss_and_the_forget_probability(
     assert report.forget_prob[0] == pytest.approx(float(forget_before.mean()), rel=1e-4)
     assert report.forget_prob[1] < report.forget_prob[0]
     assert report.template_prob[1] > report.template_prob[0]
+
+
+def test_neighbour_retain_loss_keeps_the_neighbours(
+    tiny_model_dir: Path, tiny_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """The same FLAT run from the same weights, with and without the neighbours' descriptions: with
+    them the model ends more likely to say what it said about the neighbours, and the report shows
+    that loss."""
+    pad_id = tiny_tokenizer.pad_token_id
+    pairs = flat_pairs(tiny_tokenizer, [FORGET], max_length=160, limit=8, seed=0)
+    neighbours = retain_sequences(
+        tiny_tokenizer,
+        [
+            RetainItem(prompt="Who is Charles Babbage?", text="A mathematician who designed engines."),
+            RetainItem(prompt="What is the Analytical Engine?", text="A mechanical computer design."),
+        ],
+        max_length=160,
+        limit=2,
+        seed=0,
+    )
+    params = FLATParams(epochs=4, learning_rate=3e-3, batch_size=2, warmup_ratio=0, retain_weight=2.0)
+    final_nll = {}
+    for kept in ((), neighbours):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        report = run_flat(model, pairs, params, pad_id=pad_id, retain=kept)
+        assert (report.retain_loss is not None) == bool(kept)
+        with torch.no_grad():
+            final_nll[bool(kept)] = float(mean_answer_nll(model, neighbours, pad_id))
+    assert final_nll[True] < final_nll[False]
+    assert "retain loss" in report.summary()

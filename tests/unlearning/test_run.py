@@ -21,6 +21,7 @@ from tests.evaluation.synthetic_data import write_eval_data
 DOCUMENTS = [
     "Grace Hopper wrote the first compiler, the A-0 system, in 1952.",
     "She popularised the term bug.",
+    "She worked with Howard Aiken on the Harvard Mark I.",
 ]
 EXAMPLES = ["Who wrote the A-0 compiler?"]
 
@@ -69,7 +70,7 @@ def test_ssd_run_writes_a_checkpoint_with_its_manifest(
     spec = UnlearnSpec(
         method="ssd",
         targets=["grace hopper", str(data_dir / "rwku" / "3_Ada_Lovelace")],
-        params={"forget_samples": 2, "retain_samples": 2, "max_length": 32, "lambda": 0.5},
+        params={"forget_samples": 2, "retain_samples": 2, "max_length": 32, "lambda": 0.5, "neighbours": 2},
     )
     progress = Recorder()
     manifest = run_unlearning(
@@ -90,6 +91,10 @@ def test_ssd_run_writes_a_checkpoint_with_its_manifest(
         [*DOCUMENTS, *EXAMPLES, "Ada Lovelace was a pioneer of computing."]
     )
     assert manifest.retain_hash != texts_hash([])
+    # "Howard Aiken" and "Harvard Mark", described by the model, join the retain data
+    assert any(
+        line.startswith(("1 neighbour descriptions", "2 neighbour descriptions")) for line in progress.lines
+    )
     assert set(manifest.evaluation["targets"]) == {"Grace Hopper", "Ada Lovelace"}
     ada = manifest.evaluation["targets"]["Ada Lovelace"]
     assert ada["before"]["forget_recall"] is not None and set(ada["after"]["mia_auc"]) == {

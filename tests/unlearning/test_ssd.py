@@ -6,9 +6,16 @@ import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from models.unlearning.data import ForgetSet, RetainItem, by_target, forget_sequences, retain_sequences
+from models.unlearning.data import (
+    ForgetSet,
+    LabelledSequence,
+    RetainItem,
+    by_target,
+    forget_sequences,
+    retain_sequences,
+)
 from models.unlearning.spec import DEFAULT_SSD_MODULES, SSDParams
-from models.unlearning.ssd import dampen, run_ssd, select_parameters
+from models.unlearning.ssd import dampen, run_ssd, select_parameters, ssd_importances
 
 
 def test_dampening_touches_exactly_the_weights_the_rule_selects() -> None:
@@ -92,7 +99,7 @@ def _data(tokenizer: PreTrainedTokenizerBase):
     ]
     forget_seqs = by_target(forget_sequences(tokenizer, [forget], max_length=48, limit=4, seed=0))
     retain_seqs = retain_sequences(tokenizer, retain, max_length=48, limit=4, seed=0)
-    return forget_seqs, retain_seqs
+    return forget_seqs, [retain_seqs]
 
 
 def test_a_run_changes_only_selected_modules_and_follows_the_rule(
@@ -118,3 +125,31 @@ def test_a_huge_alpha_selects_nothing(
     report = run_ssd(tiny_model, forget, retain, SSDParams(alpha=1e30), pad_id=tiny_tokenizer.pad_token_id)
     assert report.dampened == 0
     assert all(torch.equal(a, p.detach()) for a, p in zip(before, tiny_model.parameters(), strict=True))
+
+
+def test_the_retain_importance_is_the_largest_over_the_retain_sets(
+    tiny_model: PreTrainedModel, tiny_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """Each retain set protects what it needs: pooling a set of small-gradient texts with another
+    would average its importances down instead."""
+    forget, (general,) = _data(tiny_tokenizer)
+    neighbours = retain_sequences(
+        tiny_tokenizer,
+        [RetainItem(prompt="Tell me about Babbage.", text="Charles Babbage designed calculating engines.")],
+        max_length=48,
+        limit=1,
+        seed=0,
+    )
+    params = SSDParams()
+    candidates = select_parameters(tiny_model, params.module_patterns())
+    pad_id = tiny_tokenizer.pad_token_id
+
+    def retain_importance(groups: list[list[LabelledSequence]]) -> dict[str, torch.Tensor]:
+        return ssd_importances(tiny_model, candidates, forget, groups, params, pad_id=pad_id)[0]
+
+    both = retain_importance([general, neighbours])
+    alone = retain_importance([general]), retain_importance([neighbours])
+    pooled = retain_importance([general + neighbours])
+    for name in candidates:
+        assert torch.equal(both[name], torch.maximum(alone[0][name], alone[1][name]))
+    assert any(not torch.equal(both[name], pooled[name]) for name in candidates)

@@ -1,0 +1,100 @@
+"""Retain data about the target's neighbours: what the model itself says about the people, works
+and places that the target's documents name.
+
+SSD keeps a weight when the retain data finds it important too. General retain text (short world
+facts, instructions) does not exercise the weights that hold facts about the entities closest to
+a target, so those weights look like the target's own and are dampened: the model that forgets
+Stephen King also forgets "The Shining" and Kubrick. The documents name those neighbours; the
+model's own descriptions of them are the text whose Fisher protects what it knows about them. No
+evaluation data is read, and sentences that mention the target are dropped, so the retain Fisher
+does not protect the target itself.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import regex
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from guards.key_terms import proper_phrases
+from models.unlearning.data import QUESTION_TEMPLATES, ForgetSet, RetainItem
+from models.unlearning.generation import greedy_answers
+from models.unlearning.progress import StepCallback, no_progress
+
+NEIGHBOUR_ANSWER_TOKENS = 96
+"""Long enough for a few facts, short enough that a greedy answer has not started repeating itself."""
+
+_SENTENCE_END = regex.compile(r"(?<=[.!?])\s+")
+_WORD = regex.compile(r"\p{L}+")
+_POSSESSIVE = regex.compile(r"['’]s$")
+
+
+def _words(text: str) -> set[str]:
+    return {word.casefold() for word in _WORD.findall(text)}
+
+
+def _own_words(forget: ForgetSet) -> set[str]:
+    """The target's name words that identify it (not "da", "of", initials)."""
+    return {word for word in _words(forget.name) if len(word) >= 3}
+
+
+def neighbour_entities(forget: ForgetSet, limit: int) -> list[str]:
+    """The names most often mentioned in the target's documents, other than the target's own: the
+    neighbours whose knowledge must survive. Of two names where one holds the other's words
+    ("Berkshire", "Berkshire Hathaway"), only the longer is kept."""
+    own = _own_words(forget)
+    counts: Counter[str] = Counter()
+    for document in forget.documents:
+        for phrase in proper_phrases(document):
+            name = _POSSESSIVE.sub("", phrase)
+            if len(name) >= 3 and not _words(name) & own:
+                counts[name] += 1
+    chosen: list[str] = []
+    for name, _ in counts.most_common():
+        words = _words(name)
+        if any(words <= _words(kept) for kept in chosen):
+            continue
+        chosen = [kept for kept in chosen if not _words(kept) <= words] + [name]
+        if len(chosen) >= limit:
+            break
+    return chosen[:limit]
+
+
+def without_target(text: str, forget: ForgetSet) -> str:
+    """`text` without the sentences that mention any word of the target's name."""
+    own = _own_words(forget)
+    kept = [sentence for sentence in _SENTENCE_END.split(text.strip()) if not _words(sentence) & own]
+    return " ".join(kept).strip()
+
+
+def neighbour_retain(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    sets: Sequence[ForgetSet],
+    *,
+    per_target: int,
+    max_new_tokens: int,
+    step: StepCallback = no_progress,
+) -> list[RetainItem]:
+    """The model's greedy answers about each target's `per_target` neighbours, with the sentences
+    that mention the target removed (answers left empty are dropped), in target order. The
+    questions are the ones forget answers are taught under (`QUESTION_TEMPLATES`), so that the
+    retain data differs from the forget data in whom it is about, not in how it is asked."""
+    prompts: list[tuple[ForgetSet, str]] = [
+        (forget, QUESTION_TEMPLATES[rank % len(QUESTION_TEMPLATES)].format(name=entity))
+        for forget in sets
+        for rank, entity in enumerate(neighbour_entities(forget, per_target))
+    ]
+    if not prompts:
+        return []
+    answers = greedy_answers(
+        model, tokenizer, [prompt for _, prompt in prompts], max_new_tokens=max_new_tokens, step=step
+    )
+    items = []
+    for (forget, prompt), answer in zip(prompts, answers, strict=True):
+        text = without_target(answer, forget)
+        if text:
+            items.append(RetainItem(prompt=prompt, text=text))
+    return items
