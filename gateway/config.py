@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads (default: torch's)."
     )
+    unlearn_device: str = Field(
+        default="cpu",
+        pattern=r"^(cpu|cuda(:\d+)?)$",
+        description="Where unlearning jobs edit and evaluate the weights: cpu, cuda or cuda:N.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
     admin_key: str = Field(
         default="",

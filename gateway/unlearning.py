@@ -127,6 +127,19 @@ def _stepper(progress: ProgressSink, cancelled: Callable[[], bool]) -> StepCallb
     return step
 
 
+def _device(name: str) -> torch.device:
+    """The job's device; a GPU that torch cannot see is a clear error before anything is loaded."""
+    device = torch.device(name)
+    if device.type == "cuda" and (
+        not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()
+    ):
+        raise ValueError(
+            f"LETHE_UNLEARN_DEVICE={name}, but torch sees {torch.cuda.device_count()} GPU(s)"
+            f" (torch {torch.__version__}); use cpu or a CUDA build of torch"
+        )
+    return device
+
+
 def _peak_rss_mb() -> float:
     """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -160,6 +173,7 @@ def run_unlearning(
             f"SSD needs retain data: none found under {data_dir} (TOFU world facts / real authors, general"
             " instructions); set LETHE_EVAL_DATA to a folder that has them"
         )
+    device = _device(settings.unlearn_device)
     step = _stepper(progress, cancelled)
     timings: dict[str, float] = {}
     if settings.torch_threads:
@@ -168,11 +182,12 @@ def run_unlearning(
     started = time.perf_counter()
     step(0.0, f"loading {source.path}")
     tokenizer = AutoTokenizer.from_pretrained(source.path)
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).to(device)
     model.eval()
     timings["load"] = time.perf_counter() - started
     progress.log(
-        f"source: {source.parent.id if source.parent else source.path} ({timings['load']:.1f} s to load)"
+        f"source: {source.parent.id if source.parent else source.path} ({timings['load']:.1f} s to load,"
+        f" on {device})"
     )
 
     plan = build_plan(targets, retain_texts(retain), data_dir, evaluation) if evaluation.enabled else None

@@ -247,6 +247,12 @@ def collate(
     return input_ids, attention, labels
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's weights are (inputs must be built there); CPU for a model without any."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 def answer_log_probs(
     model: torch.nn.Module, sequences: Sequence[LabelledSequence], pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,7 +261,8 @@ def answer_log_probs(
     Taken as logit - logsumexp rather than through a full log_softmax, which would hold a second
     (batch, width, vocabulary) tensor.
     """
-    input_ids, attention, labels = collate(sequences, pad_id)
+    device = model_device(model)
+    input_ids, attention, labels = (t.to(device) for t in collate(sequences, pad_id))
     logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from models.unlearning.data import chat_prompt
+from models.unlearning.data import chat_prompt, model_device
 from models.unlearning.progress import StepCallback, no_progress
 
 
@@ -41,8 +41,8 @@ def greedy_answers(
             input_ids[row, width - len(ids) :] = torch.tensor(ids)
             attention[row, width - len(ids) :] = 1
         output = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention,
+            input_ids=input_ids.to(model_device(model)),
+            attention_mask=attention.to(model_device(model)),
             do_sample=False,
             max_new_tokens=max_new_tokens,
             pad_token_id=pad_id,

@@ -21,6 +21,7 @@ import torch
 from pydantic import BaseModel
 from transformers import PreTrainedTokenizerBase
 
+from models.unlearning.data import model_device
 from models.unlearning.progress import StepCallback, no_progress
 
 MIA_SCORES = ("loss", "zlib", "mink++")
@@ -52,7 +53,7 @@ def membership_scores(
         ids = tokenizer.encode(text, add_special_tokens=False)[:max_length]
         if len(ids) < 2:
             raise ValueError(f"text {index} has fewer than two tokens: nothing to score")
-        input_ids = torch.tensor([ids])
+        input_ids = torch.tensor([ids], device=model_device(model))
         logits = model(input_ids=input_ids).logits[0, :-1].float()
         log_probs = torch.log_softmax(logits, dim=-1)
         targets = input_ids[0, 1:]

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from pydantic import ValidationError
 
 from gateway.cli import main
 from gateway.config import Settings
@@ -240,3 +242,20 @@ def test_the_source_measurement_is_cached_per_weights_and_plan(
         == runs[1].evaluation["targets"]["Grace Hopper"]["before"]
     )
     assert len(list((settings.home / "checkpoints" / ".eval-cache").glob("*.json"))) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_gpu_job_without_a_gpu_fails_clearly(settings: Settings, store, data_dir: Path) -> None:
+    spec = UnlearnSpec(method="flat", targets=["Grace Hopper"], params={"forget_samples": 1})
+    on_gpu = settings.model_copy(update={"unlearn_device": "cuda"})
+    with pytest.raises(ValueError, match="LETHE_UNLEARN_DEVICE=cuda, but torch sees 0 GPU"):
+        run_unlearning(
+            spec,
+            settings=on_gpu,
+            store=store,
+            progress=Recorder(),
+            cancelled=lambda: False,
+            data_dir=data_dir,
+        )
+    with pytest.raises(ValidationError, match="unlearn_device"):
+        Settings(unlearn_device="gpu")
