@@ -54,7 +54,7 @@ EVAL_CACHE = ".eval-cache"
 # Share of the job's progress bar per stage (the method dominates; evaluation is bounded).
 _STAGES = {"load": (0.0, 0.03), "before": (0.03, 0.18), "method": (0.18, 0.85), "after": (0.85, 0.97)}
 _NEIGHBOUR_SHARE = 0.4
-"""Of SSD's stage, the part that writing the neighbour descriptions takes (about as long as the Fishers)."""
+"""Of the method's stage, the part that writing the neighbour descriptions takes when asked for."""
 
 
 class ProgressSink(Protocol):

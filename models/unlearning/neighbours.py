@@ -1,13 +1,14 @@
 """Retain data about the target's neighbours: what the model itself says about the people, works
 and places that the target's documents name.
 
-SSD keeps a weight when the retain data finds it important too. General retain text (short world
-facts, instructions) does not exercise the weights that hold facts about the entities closest to
-a target, so those weights look like the target's own and are dampened: the model that forgets
-Stephen King also forgets "The Shining" and Kubrick. The documents name those neighbours; the
-model's own descriptions of them are the text whose Fisher protects what it knows about them. No
-evaluation data is read, and sentences that mention the target are dropped, so the retain Fisher
-does not protect the target itself.
+General retain text (short world facts, instructions) does not exercise what a model knows about
+the entities closest to a target, so SSD takes those weights for the target's own and dampens
+them, and FLAT's refusals spread to questions about them: a model that forgets Stephen King can
+lose "The Shining" with him. The documents name those neighbours, and the model's own
+descriptions of them are text that SSD's retain Fisher and FLAT's retain loss can hold on to. No
+evaluation data is read, and sentences that mention the target are dropped. Measured on ten RWKU
+targets (README), this protects the neighbours, but on the embedded model it protects much of the
+forget knowledge along with them.
 """
 
 from __future__ import annotations
