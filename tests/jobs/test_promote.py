@@ -8,6 +8,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,35 @@ def wait_for(predicate: Any, timeout: float = 20.0) -> None:
 LONG = 1200
 
 
+@contextmanager
+def hammering(server: LiveServer, pause: float = 0.0) -> Iterator[list[int]]:
+    """Two threads sending short completions, each `pause` seconds apart, for as long as the block
+    runs; yields the status codes as they arrive."""
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        with httpx.Client(timeout=120) as client:
+            while not stop.is_set():
+                response = client.post(
+                    f"{server.base_url}/completions",
+                    headers=server.headers(),
+                    json={"model": server.model, "prompt": "Once upon a time", "max_tokens": 4},
+                )
+                statuses.append(response.status_code)
+                time.sleep(pause)
+
+    threads = [threading.Thread(target=hammer) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield statuses
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=120)
+
+
 def test_promote_keeps_requests_in_flight_on_the_old_weights(
     servers: tuple[LiveServer, LiveServer, str, str],
 ) -> None:
@@ -125,41 +155,23 @@ def test_promote_keeps_requests_in_flight_on_the_old_weights(
                 time.sleep(0.002)  # a slowish reader: the stream stays open well past the promote
         stream_done.append(time.monotonic())
 
-    # ... while short requests keep arriving throughout the switch.
-    statuses: list[int] = []
-    hammering = threading.Event()
-
-    def hammer() -> None:
-        with httpx.Client(timeout=120) as client:
-            while not hammering.is_set():
-                response = client.post(
-                    f"{server.base_url}/completions",
-                    headers=server.headers(),
-                    json={"model": server.model, "prompt": "Once upon a time", "max_tokens": 4},
-                )
-                statuses.append(response.status_code)
-
     streamer = threading.Thread(target=stream)
-    hammers = [threading.Thread(target=hammer) for _ in range(2)]
     streamer.start()
-    for thread in hammers:
-        thread.start()
-    assert first_chunk.wait(60)
-    promoted = admin(server, "POST", f"/admin/checkpoints/{first}/promote")
-    promoted_at = time.monotonic()
-    assert promoted.status_code == 200, promoted.text
-    assert promoted.json()["checkpoint"] == first and promoted.json()["previous"] == "base"
+    # ... while short requests keep arriving throughout the switch.
+    with hammering(server) as statuses:
+        assert first_chunk.wait(60)
+        promoted = admin(server, "POST", f"/admin/checkpoints/{first}/promote")
+        promoted_at = time.monotonic()
+        assert promoted.status_code == 200, promoted.text
+        assert promoted.json()["checkpoint"] == first and promoted.json()["previous"] == "base"
 
-    # The next request is served by the new weights, under the same model id.
-    first_short = answer(server)
-    assert first_short != base_short
-    card = model_card(server)
-    assert (card["id"], card["checkpoint"]) == (server.model, first)
+        # The next request is served by the new weights, under the same model id.
+        first_short = answer(server)
+        assert first_short != base_short
+        card = model_card(server)
+        assert (card["id"], card["checkpoint"]) == (server.model, first)
 
-    streamer.join(timeout=300)
-    hammering.set()
-    for thread in hammers:
-        thread.join(timeout=120)
+        streamer.join(timeout=300)
     assert stream_done and stream_done[0] > promoted_at, "the stream must still be open at the promote"
     assert "".join(chunks) == base_long  # finished on the old weights, token for token
     assert statuses and set(statuses) == {200}, statuses  # nothing dropped during the switch

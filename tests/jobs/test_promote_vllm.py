@@ -6,7 +6,6 @@ stops)."""
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import httpx
 import pytest
 
 from tests.jobs.conftest import ADMIN_KEY
-from tests.jobs.test_promote import admin, answer, model_card, wait_for
+from tests.jobs.test_promote import admin, answer, hammering, model_card, wait_for
 from tests.support.engines import require_vllm
 from tests.support.processes import alive, descendants
 from tests.support.server import LiveServer, start_server
@@ -83,32 +82,12 @@ def test_promote_and_rollback_on_vllm(
         base_core = engine_processes(server.process.pid)
         assert base_core, "vLLM's engine core should run as a child process"
 
-        statuses: list[int] = []
-        hammering = threading.Event()
-
-        def hammer() -> None:
-            with httpx.Client(timeout=120) as client:
-                while not hammering.is_set():
-                    response = client.post(
-                        f"{server.base_url}/completions",
-                        headers=server.headers(),
-                        json={"model": server.model, "prompt": "Once upon a time", "max_tokens": 4},
-                    )
-                    statuses.append(response.status_code)
-                    time.sleep(0.1)  # leave the two cores some room for loading the checkpoint
-
-        hammers = [threading.Thread(target=hammer) for _ in range(2)]
-        for thread in hammers:
-            thread.start()
-        try:
+        # 0.1 s apart: leave the two cores some room for loading the checkpoint
+        with hammering(server, pause=0.1) as statuses:
             wait_for(lambda: len(statuses) >= 2, timeout=60)
             before = len(statuses)
             promoted = admin(server, "POST", f"/admin/checkpoints/{first}/promote")
             during = len(statuses) - before
-        finally:
-            hammering.set()
-            for thread in hammers:
-                thread.join(timeout=120)
         assert promoted.status_code == 200, promoted.text
         assert (promoted.json()["checkpoint"], promoted.json()["previous"]) == (first, "base")
         assert during > 0 and set(statuses) == {200}, statuses  # nothing dropped during the switch
