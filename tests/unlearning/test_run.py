@@ -259,3 +259,26 @@ def test_a_gpu_job_without_a_gpu_fails_clearly(settings: Settings, store, data_d
         )
     with pytest.raises(ValidationError, match="unlearn_device"):
         Settings(unlearn_device="gpu")
+
+
+def test_flat_trains_on_the_neighbour_descriptions_and_hashes_them(
+    settings: Settings, store, data_dir: Path
+) -> None:
+    spec = UnlearnSpec(
+        method="flat",
+        targets=["Grace Hopper"],
+        params={"forget_samples": 2, "max_length": 48, "neighbours": 2},
+    )
+    progress = Recorder()
+    manifest = run_unlearning(
+        spec,
+        settings=settings,
+        store=store,
+        progress=progress,
+        cancelled=lambda: False,
+        data_dir=data_dir,
+        evaluation=EvaluationOptions(enabled=False),
+    )
+    assert manifest.method_report["retain_loss"] is not None
+    assert manifest.retain_hash != texts_hash([])  # the descriptions are FLAT's retain data
+    assert any("neighbour descriptions" in line for line in progress.lines)
