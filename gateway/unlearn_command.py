@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel
 
@@ -42,9 +42,7 @@ def _add_param_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) ->
     for name, field in model.model_fields.items():
         key = field.alias or name
         extra: dict[str, Any] = {"nargs": "+"} if _is_list(field.annotation) else {}
-        choices = (
-            get_args(field.annotation) if get_origin(field.annotation) is not None and not extra else None
-        )
+        choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else None
         group.add_argument(
             f"--{key.replace('_', '-')}",
             dest=_PARAM_PREFIX + key,

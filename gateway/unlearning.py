@@ -43,7 +43,13 @@ from models.unlearning.data import (
     texts_hash,
 )
 from models.unlearning.flat import FLATReport, run_flat
-from models.unlearning.neighbours import NEIGHBOUR_ANSWER_TOKENS, neighbour_retain
+from models.unlearning.neighbours import (
+    HELD_OUT_NEIGHBOURS,
+    NEIGHBOUR_ANSWER_TOKENS,
+    NeighbourItem,
+    neighbour_checks,
+    neighbour_retain,
+)
 from models.unlearning.progress import StepCallback, UnlearnCancelled, sub_step
 from models.unlearning.spec import FLATParams, SSDParams, UnlearnSpec
 from models.unlearning.ssd import SSDReport, run_ssd
@@ -203,22 +209,29 @@ def run_unlearning(
 
     started = time.perf_counter()
     method_step = sub_step(step, *_STAGES["method"])
-    neighbours: list[RetainItem] = []
-    if params.neighbours:
-        neighbours = neighbour_retain(
+    held_out_per_target = (
+        HELD_OUT_NEIGHBOURS if isinstance(params, FLATParams) and params.keep_neighbours else 0
+    )
+    described: list[NeighbourItem] = []
+    if params.neighbours or held_out_per_target:
+        described = neighbour_retain(
             model,
             tokenizer,
             [t.forget for t in targets],
-            per_target=params.neighbours,
+            per_target=params.neighbours + held_out_per_target,
             max_new_tokens=NEIGHBOUR_ANSWER_TOKENS,
             step=sub_step(method_step, 0.0, _NEIGHBOUR_SHARE),
         )
         method_step = sub_step(method_step, _NEIGHBOUR_SHARE, 1.0)
+    neighbours = [item for item in described if item.rank < params.neighbours]
+    held_out = [item for item in described if item.rank >= params.neighbours]
+    if described:
+        checked = f", {len(held_out)} held out for the stopping check" if held_out else ""
         progress.log(
-            f"{len(neighbours)} neighbour descriptions for the retain data"
+            f"{len(neighbours)} neighbour descriptions for the retain data{checked}"
             f" ({time.perf_counter() - started:.0f} s)"
         )
-    report = _run_method(model, tokenizer, params, targets, retain, neighbours, method_step)
+    report = _run_method(model, tokenizer, params, targets, retain, neighbours, held_out, method_step)
     timings["method"] = time.perf_counter() - started
     progress.log(f"{spec.method}: {report.summary()} ({timings['method']:.0f} s)")
 
@@ -230,7 +243,7 @@ def run_unlearning(
         seconds = timings["evaluation_before"] + timings["evaluation_after"]
         evaluation_summary = combine(plan, before, after, seconds).model_dump(mode="json")
 
-    used_retain = [*retain, *neighbours] if isinstance(params, SSDParams) else neighbours
+    used_retain = [*retain, *described] if isinstance(params, SSDParams) else described
     step(0.97, "writing the checkpoint")
     started = time.perf_counter()
     manifest = CheckpointManifest(
@@ -287,7 +300,8 @@ def _run_method(
     params: SSDParams | FLATParams,
     targets: list[ResolvedTarget],
     retain: list[RetainItem],
-    neighbours: list[RetainItem],
+    neighbours: list[NeighbourItem],
+    held_out: list[NeighbourItem],
     step: StepCallback,
 ) -> SSDReport | FLATReport:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -301,4 +315,5 @@ def _run_method(
     kept = retain_sequences(
         tokenizer, neighbours, max_length=params.max_length, limit=len(neighbours), seed=params.seed
     )
-    return run_flat(model, pairs, params, pad_id=pad_id, retain=kept, step=step)
+    checks = neighbour_checks(tokenizer, held_out, sets, seed=params.seed)
+    return run_flat(model, pairs, params, pad_id=pad_id, retain=kept, checks=checks, step=step)

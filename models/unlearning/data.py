@@ -81,6 +81,15 @@ class FlatPair:
     template: LabelledSequence
 
 
+@dataclass(frozen=True)
+class NeighbourCheck:
+    """A held-out neighbour question with the model's own answer from before training and a
+    template answer (`models.unlearning.neighbours.neighbour_checks`)."""
+
+    own: LabelledSequence
+    template: LabelledSequence
+
+
 def texts_hash(texts: Sequence[str]) -> str:
     """sha256 of the texts in order: the manifest's proof of exactly which data was used."""
     return hashlib.sha256(json.dumps(list(texts), ensure_ascii=False).encode("utf-8")).hexdigest()
@@ -102,7 +111,7 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def _answer_ids(tokenizer: PreTrainedTokenizerBase, text: str, budget: int) -> list[int]:
+def answer_ids(tokenizer: PreTrainedTokenizerBase, text: str, budget: int) -> list[int]:
     """Answer tokens ending with the end-of-turn token (the template's assistant turn closes so)."""
     ids = list(tokenizer.encode(text, add_special_tokens=False))[: max(budget - 1, 1)]
     eos = tokenizer.eos_token_id
@@ -143,7 +152,7 @@ def forget_sequences(
         for index, chunk in enumerate(chunks):
             prompt = prompt_ids[index % len(prompt_ids)]
             rows.append(
-                (forget, LabelledSequence(prompt=prompt, answer=_answer_ids(tokenizer, chunk, budget)))
+                (forget, LabelledSequence(prompt=prompt, answer=answer_ids(tokenizer, chunk, budget)))
             )
         per_target.append(rows)
     chosen: list[tuple[ForgetSet, LabelledSequence]] = []
@@ -202,7 +211,7 @@ def flat_pairs(
     for forget, sequence in forget_sequences(tokenizer, sets, max_length=max_length, limit=limit, seed=seed):
         answer = rng.choice(forget.templates or FALLBACK_TEMPLATE_ANSWERS)
         budget = max(max_length - len(sequence.prompt), 8)
-        template = LabelledSequence(prompt=sequence.prompt, answer=_answer_ids(tokenizer, answer, budget))
+        template = LabelledSequence(prompt=sequence.prompt, answer=answer_ids(tokenizer, answer, budget))
         pairs.append(FlatPair(forget=sequence, template=template))
     return pairs
 
@@ -226,7 +235,7 @@ def retain_sequences(
         if item.prompt is None:
             answer = list(tokenizer.encode(item.text, add_special_tokens=False))[:budget]
         else:
-            answer = _answer_ids(tokenizer, item.text, budget)
+            answer = answer_ids(tokenizer, item.text, budget)
         sequences.append(LabelledSequence(prompt=prompt, answer=answer))
     return sequences
 

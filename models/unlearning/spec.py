@@ -92,6 +92,15 @@ class FLATParams(BaseModel):
     retain_weight: float = Field(
         1.0, ge=0, description="weight of the language-modelling loss on the neighbours' descriptions"
     )
+    keep_neighbours: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="stop once the share of held-out neighbour questions on which the model prefers its"
+        " own earlier answer to a template answer falls below this fraction of its value before"
+        " training, keeping the weights of the last check above it (None: train every step)",
+    )
+    check_every: int = Field(4, ge=1, le=1000, description="optimiser steps between two stopping checks")
     seed: int = Field(0, description="seed of sampling, template choice and shuffling")
 
 

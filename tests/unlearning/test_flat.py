@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 from models.unlearning.data import (
     IGNORE_INDEX,
     ForgetSet,
+    NeighbourCheck,
     RetainItem,
     collate,
     flat_pairs,
@@ -18,7 +19,9 @@ from models.unlearning.data import (
     retain_sequences,
 )
 from models.unlearning.divergences import flat_loss
-from models.unlearning.flat import answer_probabilities, run_flat
+from models.unlearning.flat import answer_probabilities, neighbour_preference, run_flat
+from models.unlearning.generation import greedy_answers
+from models.unlearning.neighbours import CHECK_ANSWER_TOKENS, NeighbourItem, neighbour_checks
 from models.unlearning.spec import FLATParams
 
 FORGET = ForgetSet(
@@ -106,3 +109,78 @@ def test_neighbour_retain_loss_keeps_the_neighbours(
             final_nll[bool(kept)] = float(mean_answer_nll(model, neighbours, pad_id))
     assert final_nll[True] < final_nll[False]
     assert "retain loss" in report.summary()
+
+
+def _checks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[NeighbourCheck]:
+    """Questions about Ada Lovelace's neighbours, each with the untrained model's own greedy answer
+    and a template answer, as the job holds them out."""
+    prompts = ["Who is Charles Babbage?", "What is the Analytical Engine?", "Tell me about Lord Byron."]
+    answers = greedy_answers(model, tokenizer, prompts, max_new_tokens=8)
+    items = [
+        NeighbourItem(prompt=p, text=a, target=FORGET.name, entity=p.split()[-1], rank=2)
+        for p, a in zip(prompts, answers, strict=True)
+    ]
+    return neighbour_checks(tokenizer, items, [FORGET], seed=0)
+
+
+def test_the_stopping_check_keeps_the_weights_of_the_last_check_that_passed(
+    tiny_model_dir: Path, tiny_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """Training that makes the template win on held-out neighbour questions stops at the first check
+    below the floor and returns the weights of the check before: the same weights as an unchecked
+    run of the same schedule after that many steps."""
+    pad_id = tiny_tokenizer.pad_token_id
+    pairs = flat_pairs(tiny_tokenizer, [FORGET], max_length=160, limit=8, seed=0)
+    params = FLATParams(epochs=8, learning_rate=3e-3, batch_size=1, warmup_ratio=0, check_every=2)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    checks = _checks(model, tiny_tokenizer)
+    assert neighbour_preference(model, checks, pad_id) == 1.0  # its own answers beat "I don't know"
+
+    unchecked = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    weights_by_step: dict[int, list[torch.Tensor]] = {}
+
+    def record(fraction: float, message: str) -> None:
+        weights_by_step[round(fraction * 16)] = [p.detach().clone() for p in unchecked.parameters()]
+
+    plain = run_flat(unchecked, pairs, params, pad_id=pad_id, step=record)
+    assert plain.steps == 16 and plain.neighbour_preference == [] and plain.stopped_at is None
+    assert neighbour_preference(unchecked, checks, pad_id) < 1.0  # the template spread to them
+
+    report = run_flat(
+        model, pairs, params.model_copy(update={"keep_neighbours": 1.0}), pad_id=pad_id, checks=checks
+    )
+    assert report.stopped_at is not None and report.stopped_at == report.steps
+    steps = [step for step, _ in report.neighbour_preference]
+    assert steps == list(range(0, report.stopped_at + 1, 2))
+    shares = [share for _, share in report.neighbour_preference]
+    assert shares[:-1] == [1.0] * (len(shares) - 1) and shares[-1] < 1.0
+    assert report.kept_step == report.stopped_at - 2
+    assert neighbour_preference(model, checks, pad_id) == 1.0
+    kept = weights_by_step.get(report.kept_step) or list(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).parameters()
+    )
+    for trained, expected in zip(model.parameters(), kept, strict=True):
+        torch.testing.assert_close(trained.detach(), expected)
+    assert f"kept the weights of step {report.kept_step}" in report.summary()
+
+
+def test_a_check_scores_the_start_of_the_own_answer_against_a_flat_template(
+    tiny_tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    text = "A poet. " * 40
+    item = NeighbourItem(
+        prompt="Who is Lord Byron?", text=text, target=FORGET.name, entity="Lord Byron", rank=0
+    )
+    [check] = neighbour_checks(tiny_tokenizer, [item], [FORGET], seed=0)
+    assert check.own.prompt == check.template.prompt
+    assert len(check.own.answer) == CHECK_ANSWER_TOKENS  # the start of the answer, then end of turn
+    assert text.startswith(tiny_tokenizer.decode(check.own.answer[:-1]))
+    assert tiny_tokenizer.decode(check.template.answer, skip_special_tokens=True) in FORGET.templates
+
+
+def test_keep_neighbours_without_held_out_questions_is_refused(
+    tiny_model: PreTrainedModel, tiny_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    pairs = flat_pairs(tiny_tokenizer, [FORGET], max_length=160, limit=8, seed=0)
+    with pytest.raises(ValueError, match="held-out neighbour questions"):
+        run_flat(tiny_model, pairs, FLATParams(keep_neighbours=0.9), pad_id=tiny_tokenizer.pad_token_id)

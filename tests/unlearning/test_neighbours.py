@@ -9,6 +9,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from models.unlearning import neighbours as neighbours_module
 from models.unlearning.data import QUESTION_TEMPLATES, ForgetSet, RetainItem, retain_sequences, ssd_sequences
 from models.unlearning.neighbours import (
+    NeighbourItem,
     neighbour_entities,
     neighbour_retain,
     without_target,
@@ -58,7 +59,13 @@ def test_neighbour_retain_keeps_what_is_not_about_the_target(monkeypatch: pytest
     items = neighbour_retain(None, None, [BUFFETT], per_target=2, max_new_tokens=8)  # type: ignore[arg-type]
     assert seen == [list(answers)]
     assert items == [
-        RetainItem(prompt=QUESTION_TEMPLATES[0].format(name="Berkshire Hathaway"), text="A conglomerate.")
+        NeighbourItem(
+            prompt=QUESTION_TEMPLATES[0].format(name="Berkshire Hathaway"),
+            text="A conglomerate.",
+            target="Warren Buffett",
+            entity="Berkshire Hathaway",
+            rank=0,
+        )
     ]
     assert neighbour_retain(None, None, [BUFFETT], per_target=0, max_new_tokens=8) == []  # type: ignore[arg-type]
 

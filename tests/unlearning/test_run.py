@@ -15,7 +15,7 @@ from gateway.store import open_store
 from gateway.unlearning import UnlearnCancelled, run_unlearning, validate_spec
 from gateway.unlearning_eval import EvaluationOptions
 from guards.targets import TargetSpec
-from models.checkpoints import CheckpointStore, weights_hash
+from models.checkpoints import CheckpointManifest, CheckpointStore, weights_hash
 from models.unlearning.data import texts_hash
 from models.unlearning.spec import UnlearnSpec
 from tests.evaluation.synthetic_data import write_eval_data
@@ -175,6 +175,9 @@ def test_ssd_without_retain_data_is_refused_clearly(settings: Settings, store, t
         (["ssd", "--target", "Grace Hopper", "--alpha", "-1"], "alpha"),
         (["ssd", "--target", "Grace Hopper", "--forget-samples", "many"], "forget_samples"),
         (["flat", "--target", "Grace Hopper", "--from", "ckpt-none"], "unknown checkpoint"),
+        (["flat", "--target", "Grace Hopper", "--keep-neighbours", "1.5"], "keep_neighbours"),
+        # an optional number is a number flag, not a choice between its types
+        (["flat", "--target", "Nobody", "--keep-neighbours", "0.9"], "unknown target(s): Nobody"),
     ],
 )
 def test_cli_errors_exit_2(
@@ -261,17 +264,11 @@ def test_a_gpu_job_without_a_gpu_fails_clearly(settings: Settings, store, data_d
         Settings(unlearn_device="gpu")
 
 
-def test_flat_trains_on_the_neighbour_descriptions_and_hashes_them(
-    settings: Settings, store, data_dir: Path
-) -> None:
-    spec = UnlearnSpec(
-        method="flat",
-        targets=["Grace Hopper"],
-        params={"forget_samples": 2, "max_length": 48, "neighbours": 2},
-    )
+def _flat_job(settings: Settings, store, data_dir: Path, params: dict) -> tuple[CheckpointManifest, Recorder]:
+    """A FLAT job on Grace Hopper without the evaluation, and what it logged."""
     progress = Recorder()
     manifest = run_unlearning(
-        spec,
+        UnlearnSpec(method="flat", targets=["Grace Hopper"], params=params),
         settings=settings,
         store=store,
         progress=progress,
@@ -279,6 +276,30 @@ def test_flat_trains_on_the_neighbour_descriptions_and_hashes_them(
         data_dir=data_dir,
         evaluation=EvaluationOptions(enabled=False),
     )
+    return manifest, progress
+
+
+def test_flat_trains_on_the_neighbour_descriptions_and_hashes_them(
+    settings: Settings, store, data_dir: Path
+) -> None:
+    manifest, progress = _flat_job(
+        settings, store, data_dir, {"forget_samples": 2, "max_length": 48, "neighbours": 2}
+    )
     assert manifest.method_report["retain_loss"] is not None
     assert manifest.retain_hash != texts_hash([])  # the descriptions are FLAT's retain data
     assert any("neighbour descriptions" in line for line in progress.lines)
+
+
+def test_a_flat_job_holds_neighbours_out_for_its_stopping_check(
+    settings: Settings, store, data_dir: Path
+) -> None:
+    """With keep_neighbours the job describes the next neighbours down the list too, checks them
+    before training and every check_every steps, and hashes them with the retain data."""
+    params = {"forget_samples": 2, "max_length": 48, "neighbours": 1, "check_every": 1}
+    unchecked, _ = _flat_job(settings, store, data_dir, params)
+    checked, progress = _flat_job(settings, store, data_dir, {**params, "keep_neighbours": 0.5})
+    assert [step for step, _ in checked.method_report["neighbour_preference"]][:2] == [0, 1]
+    assert any("held out for the stopping check" in line for line in progress.lines)
+    assert any("neighbour preference by step 0:" in line for line in progress.lines)
+    assert unchecked.method_report["neighbour_preference"] == []
+    assert checked.retain_hash != unchecked.retain_hash
