@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import torch
@@ -64,25 +66,44 @@ def store(settings: Settings):
 
 
 OPTIONS = EvaluationOptions(samples=2, utility_samples=1, mia_samples=2, max_new_tokens=4)
+NO_EVALUATION = EvaluationOptions(enabled=False)
 
 
-def test_ssd_run_writes_a_checkpoint_with_its_manifest(
-    settings: Settings, store, data_dir: Path, tiny_model_dir: Path
-) -> None:
-    spec = UnlearnSpec(
-        method="ssd",
-        targets=["grace hopper", str(data_dir / "rwku" / "3_Ada_Lovelace")],
-        params={"forget_samples": 2, "retain_samples": 2, "max_length": 32, "lambda": 0.5, "neighbours": 2},
-    )
+def _job(
+    settings: Settings,
+    store,
+    data_dir: Path,
+    params: dict,
+    evaluation: EvaluationOptions = NO_EVALUATION,
+    method: Literal["ssd", "flat"] = "flat",
+    targets: Sequence[str] = ("Grace Hopper",),
+) -> tuple[CheckpointManifest, Recorder]:
+    """A job run to its checkpoint (by default FLAT on Grace Hopper, without the evaluation), and
+    what it logged."""
     progress = Recorder()
     manifest = run_unlearning(
-        spec,
+        UnlearnSpec(method=method, targets=list(targets), params=params),
         settings=settings,
         store=store,
         progress=progress,
         cancelled=lambda: False,
         data_dir=data_dir,
-        evaluation=OPTIONS,
+        evaluation=evaluation,
+    )
+    return manifest, progress
+
+
+def test_ssd_run_writes_a_checkpoint_with_its_manifest(
+    settings: Settings, store, data_dir: Path, tiny_model_dir: Path
+) -> None:
+    manifest, progress = _job(
+        settings,
+        store,
+        data_dir,
+        {"forget_samples": 2, "retain_samples": 2, "max_length": 32, "lambda": 0.5, "neighbours": 2},
+        OPTIONS,
+        method="ssd",
+        targets=["grace hopper", str(data_dir / "rwku" / "3_Ada_Lovelace")],
     )
     checkpoints = CheckpointStore(settings.home / "checkpoints")
     assert checkpoints.get(manifest.id) == manifest
@@ -119,7 +140,7 @@ def test_ssd_run_writes_a_checkpoint_with_its_manifest(
         progress=Recorder(),
         cancelled=lambda: False,
         data_dir=data_dir,
-        evaluation=EvaluationOptions(enabled=False),
+        evaluation=NO_EVALUATION,
     )
     assert child.parent == manifest.id and child.parent_hash == manifest.weights_hash
     assert child.retain_hash == texts_hash([]) and child.evaluation is None
@@ -136,7 +157,7 @@ def test_cancellation_writes_nothing(settings: Settings, store, data_dir: Path) 
             progress=Recorder(),
             cancelled=lambda: next(calls) >= 3,
             data_dir=data_dir,
-            evaluation=EvaluationOptions(enabled=False),
+            evaluation=NO_EVALUATION,
         )
     assert CheckpointStore(settings.home / "checkpoints").list() == []
 
@@ -224,21 +245,8 @@ def test_the_source_measurement_is_cached_per_weights_and_plan(
         return real_measure(*args, **kwargs)
 
     monkeypatch.setattr(unlearning, "measure", counting_measure)
-    spec = UnlearnSpec(
-        method="flat", targets=["Grace Hopper"], params={"forget_samples": 1, "max_length": 48}
-    )
-    runs = [
-        run_unlearning(
-            spec,
-            settings=settings,
-            store=store,
-            progress=Recorder(),
-            cancelled=lambda: False,
-            data_dir=data_dir,
-            evaluation=OPTIONS,
-        )
-        for _ in range(2)
-    ]
+    params = {"forget_samples": 1, "max_length": 48}
+    runs = [_job(settings, store, data_dir, params, OPTIONS)[0] for _ in range(2)]
     assert len(calls) == 3  # before + after, then only after
     assert (
         runs[0].evaluation["targets"]["Grace Hopper"]["before"]
@@ -249,40 +257,17 @@ def test_the_source_measurement_is_cached_per_weights_and_plan(
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_a_gpu_job_without_a_gpu_fails_clearly(settings: Settings, store, data_dir: Path) -> None:
-    spec = UnlearnSpec(method="flat", targets=["Grace Hopper"], params={"forget_samples": 1})
     on_gpu = settings.model_copy(update={"unlearn_device": "cuda"})
     with pytest.raises(ValueError, match="LETHE_UNLEARN_DEVICE=cuda, but torch sees 0 GPU"):
-        run_unlearning(
-            spec,
-            settings=on_gpu,
-            store=store,
-            progress=Recorder(),
-            cancelled=lambda: False,
-            data_dir=data_dir,
-        )
+        _job(on_gpu, store, data_dir, {"forget_samples": 1}, OPTIONS)
     with pytest.raises(ValidationError, match="unlearn_device"):
         Settings(unlearn_device="gpu")
-
-
-def _flat_job(settings: Settings, store, data_dir: Path, params: dict) -> tuple[CheckpointManifest, Recorder]:
-    """A FLAT job on Grace Hopper without the evaluation, and what it logged."""
-    progress = Recorder()
-    manifest = run_unlearning(
-        UnlearnSpec(method="flat", targets=["Grace Hopper"], params=params),
-        settings=settings,
-        store=store,
-        progress=progress,
-        cancelled=lambda: False,
-        data_dir=data_dir,
-        evaluation=EvaluationOptions(enabled=False),
-    )
-    return manifest, progress
 
 
 def test_flat_trains_on_the_neighbour_descriptions_and_hashes_them(
     settings: Settings, store, data_dir: Path
 ) -> None:
-    manifest, progress = _flat_job(
+    manifest, progress = _job(
         settings, store, data_dir, {"forget_samples": 2, "max_length": 48, "neighbours": 2}
     )
     assert manifest.method_report["retain_loss"] is not None
@@ -296,8 +281,8 @@ def test_a_flat_job_holds_neighbours_out_for_its_stopping_check(
     """With keep_neighbours the job describes the next neighbours down the list too, checks them
     before training and every check_every steps, and hashes them with the retain data."""
     params = {"forget_samples": 2, "max_length": 48, "neighbours": 1, "check_every": 1}
-    unchecked, _ = _flat_job(settings, store, data_dir, params)
-    checked, progress = _flat_job(settings, store, data_dir, {**params, "keep_neighbours": 0.5})
+    unchecked, _ = _job(settings, store, data_dir, params)
+    checked, progress = _job(settings, store, data_dir, {**params, "keep_neighbours": 0.5})
     assert [step for step, _ in checked.method_report["neighbour_preference"]][:2] == [0, 1]
     assert any("held out for the stopping check" in line for line in progress.lines)
     assert any("neighbour preference by step 0:" in line for line in progress.lines)
