@@ -107,10 +107,10 @@ def neighbour_preference(
 class NeighbourGuard:
     """FLAT's stopping check. Forget-only training makes the template answer win on questions it
     was never trained on; on ten RWKU targets, the share of held-out neighbour questions where the
-    model still prefers its own answer followed the evaluation's neighbour recall across
-    checkpoints (README). When the share falls below `keep` times its value before training, the
-    weights of the last check that passed are put back. That copy costs one more set of the
-    trained weights in memory."""
+    model still prefers its own answer ranked seven checkpoints as the evaluation's neighbour
+    recall did, but for two close pairs (README). When the share falls below `keep` times its
+    value before training, the weights of the last check that passed are put back. That copy
+    costs one more set of the trained weights in memory."""
 
     def __init__(
         self, model: torch.nn.Module, checks: Sequence[NeighbourCheck], keep: float, pad_id: int

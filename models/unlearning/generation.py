@@ -31,6 +31,7 @@ def greedy_answers(
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers = [""] * len(prompts)
+    device = model_device(model)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         width = max(len(encoded[i]) for i in rows)
@@ -41,8 +42,8 @@ def greedy_answers(
             input_ids[row, width - len(ids) :] = torch.tensor(ids)
             attention[row, width - len(ids) :] = 1
         output = model.generate(
-            input_ids=input_ids.to(model_device(model)),
-            attention_mask=attention.to(model_device(model)),
+            input_ids=input_ids.to(device),
+            attention_mask=attention.to(device),
             do_sample=False,
             max_new_tokens=max_new_tokens,
             pad_token_id=pad_id,
