@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, NamedTuple
 if TYPE_CHECKING:
     from nltk.tokenize import NLTKWordTokenizer
     from rouge_score.rouge_scorer import RougeScorer
+    from rouge_score.tokenizers import Tokenizer
 
 ENTROPY_ORDERS = (2, 3)
 ENTROPY_WEIGHTS = (2 / 3, 4 / 3)
@@ -48,6 +49,40 @@ def rouge_l(reference: str, prediction: str, *, stemmer: bool = True) -> RougeL:
     """
     score = _scorer(stemmer).score(reference, prediction)["rougeL"]
     return RougeL(recall=score.recall, f1=score.fmeasure)
+
+
+@lru_cache(maxsize=2)
+def _rouge_tokenizer(stemmer: bool) -> Tokenizer:
+    from rouge_score.tokenizers import DefaultTokenizer
+
+    return DefaultTokenizer(use_stemmer=stemmer)
+
+
+@lru_cache(maxsize=2)
+def _stop_words(stemmer: bool) -> frozenset[str]:
+    """scikit-learn's English stop words (the Glasgow list), in `rouge-score`'s token forms."""
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    tokenize = _rouge_tokenizer(stemmer).tokenize
+    return frozenset(token for word in ENGLISH_STOP_WORDS for token in tokenize(word))
+
+
+def new_word_recall(reference: str, prediction: str, prompt: str, *, stemmer: bool = True) -> float | None:
+    """Share of the gold answer's content words that the prompt does not give and the prediction says.
+
+    ROUGE-L recall credits an answer for repeating the question: "University" of "University of
+    Nebraska" in any answer to "Which university did he attend?", "The" of "The Golden Girls"
+    anywhere. A guarded model that decodes around a target still repeats those words; this score
+    counts only the words it had to know (clipped unigram counts, `rouge-score` tokens). None when
+    the prompt holds every content word of the gold, as a multiple-choice question lists the answer.
+    """
+    tokenize = _rouge_tokenizer(stemmer).tokenize
+    given = _stop_words(stemmer) | set(tokenize(prompt))
+    wanted = Counter(token for token in tokenize(reference) if token not in given)
+    if not wanted:
+        return None
+    said = wanted & Counter(tokenize(prediction))
+    return sum(said.values()) / sum(wanted.values())
 
 
 def contains_phrase(text: str, phrase: str) -> bool:

@@ -45,6 +45,9 @@ class Scores(BaseModel):
 
     rouge_l_recall: float | None = None
     rouge_l_f1: float | None = None
+    new_word_recall: float | None = None
+    """`metrics.new_word_recall`: the gold's content words that the prompt does not give, found in
+    the answer; None when the prompt gives them all."""
     contains_answer: bool | None = None
     names_subject: bool | None = None
     entropy: float | None = None
@@ -74,6 +77,8 @@ class GroupScore(BaseModel):
     errors: int = 0
     rouge_l_recall: float | None = None
     rouge_l_f1: float | None = None
+    new_word_recall: float | None = None
+    """Mean over the answers whose gold has words the prompt does not give."""
     contain_rate: float | None = None
     name_share: float | None = None
     entropy: float | None = None

@@ -115,7 +115,7 @@ def _rwku_section(current: Summary, baseline: Summary | None) -> list[str]:
     neighbour = [s for s in splits if s in NEIGHBOUR_SPLITS]
     unknown = set(current.unknown_targets or ())
     header = ["Target", *(SPLIT_LABELS[s] for s in splits)]
-    header += ["Forget contain", "Neighbour contain", "Forget names target"]
+    header += ["Forget new-word recall", "Forget contain", "Neighbour contain", "Forget names target"]
     row_tables: list[tuple[str, Table]] = [
         (current.rwku_subjects.get(t, t) + (" ⚠" if t in unknown else ""), _target(t))
         for t in current.rwku_targets
@@ -125,6 +125,7 @@ def _rwku_section(current: Summary, baseline: Summary | None) -> list[str]:
     for label, table in row_tables:
         getters = [_value(table, s) for s in splits]
         getters += [
+            _pooled_value(table, forget, "new_word_recall"),
             _pooled_value(table, forget, "contain_rate"),
             _pooled_value(table, neighbour, "contain_rate"),
             _pooled_value(table, forget, "name_share"),
@@ -134,9 +135,10 @@ def _rwku_section(current: Summary, baseline: Summary | None) -> list[str]:
         "## RWKU per target",
         "",
         "Mean ROUGE-L recall of the gold answer (forget: lower = more forgotten; neighbour: higher ="
-        " better preserved). *Contain*: share of answers containing the gold answer as whole words;"
-        " *names target*: share of forget answers that say the target's name (the model often echoes"
-        " the question, which inflates recall).",
+        " better preserved). The model often echoes the question, which inflates recall: *new-word"
+        " recall* counts only the gold answer's content words that the prompt does not contain."
+        " *Contain*: share of answers containing the gold answer as whole words; *names target*: share"
+        " of forget answers that say the target's name.",
         "",
         *_table(header, rows),
     ]
@@ -158,11 +160,11 @@ def _rwku_section(current: Summary, baseline: Summary | None) -> list[str]:
 def _attack_section(current: Summary, baseline: Summary | None) -> list[str]:
     rows = []
     for attack, group in current.rwku_attacks.items():
-        fields = ("rouge_l_recall", "contain_rate", "name_share")
+        fields = ("rouge_l_recall", "new_word_recall", "contain_rate", "name_share")
         rows.append(
             [attack, str(group.n), *(_cell(current, baseline, _value(_attacks, attack, f)) for f in fields)]
         )
-    header = ["Attack", "n", "ROUGE-L recall", "Contain", "Names target"]
+    header = ["Attack", "n", "ROUGE-L recall", "New-word recall", "Contain", "Names target"]
     return [
         "## RWKU level 3 per attack type",
         "",

@@ -25,7 +25,7 @@ from gateway.evaluation.admin import AdminClient, AdminError, admin_root, regist
 from gateway.evaluation.client import ChatClient, Completion
 from gateway.evaluation.records import EvalResults, Probe, RegisteredTarget, RunInfo, Suite
 from gateway.evaluation.report import write_report
-from gateway.evaluation.scoring import score_answer, summarise
+from gateway.evaluation.scoring import rescore, score_answer, summarise
 from guards.targets import Policy
 
 RESULTS_FILE = "results.json"
@@ -56,13 +56,14 @@ class EvalConfig(BaseModel):
 
 
 def load_results(path: Path) -> EvalResults:
-    """A previous run's results.json (the --compare baseline)."""
+    """A previous run's results.json (the --compare baseline), scored again by today's metrics."""
     try:
-        return EvalResults.model_validate_json(path.read_text(encoding="utf-8"))
+        results = EvalResults.model_validate_json(path.read_text(encoding="utf-8"))
     except (OSError, ValidationError) as error:
         raise datasets.DataError(
             f"--compare {path}: not a readable lethe eval results.json ({error})"
         ) from error
+    return results.model_copy(update={"records": [rescore(r) for r in results.records]})
 
 
 @contextmanager

@@ -45,6 +45,9 @@ def score_answer(probe: Probe, completion: Completion, fired: list[str] | None =
             scores = Scores(
                 rouge_l_recall=rouge.recall,
                 rouge_l_f1=rouge.f1,
+                new_word_recall=metrics.new_word_recall(
+                    probe.answer, text, probe.prompt, stemmer=STEMMED_SUITES[probe.suite]
+                ),
                 contains_answer=metrics.contains_phrase(text, probe.answer),
                 names_subject=(
                     metrics.contains_phrase(text, probe.subject)
@@ -66,6 +69,14 @@ def score_answer(probe: Probe, completion: Completion, fired: list[str] | None =
     )
 
 
+def rescore(record: ProbeResult) -> ProbeResult:
+    """`record` scored again from its prompt, answer and output: a baseline written by an older
+    version gains the metrics added since and is scored exactly as this run is."""
+    probe = Probe.model_validate(record.model_dump(include=set(Probe.model_fields)))
+    completion = Completion(output=record.output, finish_reason=record.finish_reason, error=record.error)
+    return score_answer(probe, completion, record.fired)
+
+
 def group_score(
     records: Sequence[ProbeResult], baseline: Mapping[str, ProbeResult] | None = None
 ) -> GroupScore:
@@ -81,6 +92,7 @@ def group_score(
         errors=len(records) - len(ok),
         rouge_l_recall=metrics.mean(r.scores.rouge_l_recall for r in ok),
         rouge_l_f1=metrics.mean(r.scores.rouge_l_f1 for r in ok),
+        new_word_recall=metrics.mean(r.scores.new_word_recall for r in ok),
         contain_rate=metrics.mean(r.scores.contains_answer for r in ok),
         name_share=metrics.mean(r.scores.names_subject for r in ok),
         entropy=metrics.mean(r.scores.entropy for r in ok),
@@ -95,6 +107,7 @@ def macro_mean(groups: Iterable[GroupScore]) -> GroupScore:
     fields = (
         "rouge_l_recall",
         "rouge_l_f1",
+        "new_word_recall",
         "contain_rate",
         "name_share",
         "entropy",

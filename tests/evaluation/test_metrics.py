@@ -92,3 +92,23 @@ def test_agreement_is_exact_string_equality() -> None:
 def test_mean_skips_missing_values_and_counts_booleans() -> None:
     assert metrics.mean([1.0, None, True, False]) == pytest.approx(2 / 3)
     assert metrics.mean([None]) is None
+
+
+@pytest.mark.parametrize(
+    ("gold", "output", "prompt", "expected"),
+    [
+        # "the" is a stop word: only golden and girl(s) count, and the prompt gives neither
+        ("The Golden Girls", "The show was a hit.", "In which sitcom did Rose Nylund appear?", 0.0),
+        ("The Golden Girls", "It was The Golden Girl.", "In which sitcom did Rose Nylund appear?", 1.0),
+        # the question gives "university": only "Nebraska" is new
+        ("University of Nebraska", "The University of Oxford.", "Which university did he attend?", 0.0),
+        ("University of Nebraska", "Nebraska, I think.", "Which university did he attend?", 1.0),
+        ("Plato and Xenophon", "Plato wrote it down.", "Who recorded his teachings?", 0.5),
+        # a multiple-choice prompt lists the answer: nothing left to know
+        ("Labour Party", "Labour", "A. Labour Party B. Conservative Party", None),
+    ],
+)
+def test_new_word_recall_counts_the_gold_words_the_prompt_does_not_give(
+    gold: str, output: str, prompt: str, expected: float | None
+) -> None:
+    assert metrics.new_word_recall(gold, output, prompt) == expected

@@ -228,6 +228,11 @@ def test_guarded_run_registers_targets_removes_them_and_compares(
     assert server.admin_calls == []
 
     baseline = tmp_path / "b" / "results.json"
+    # As an older version wrote it: without the metrics added since, which --compare scores again.
+    written = json.loads(baseline.read_text())
+    for record in written["records"]:
+        del record["scores"]["new_word_recall"]
+    baseline.write_text(json.dumps(written))
     assert (
         run_cli(*common, "--admin-key", ADMIN_KEY, "--compare", str(baseline), "--out", str(tmp_path / "g"))
         == 0
@@ -262,6 +267,9 @@ def test_guarded_run_registers_targets_removes_them_and_compares(
 
     report = (tmp_path / "g" / "report.md").read_text()
     assert "1.000 → 0.000" in report and "## Agreement with the baseline" in report
+    table = [line.split(" | ") for line in report.splitlines() if line.startswith("| Target | Forget L1")]
+    mean = next(line for line in report.splitlines() if line.startswith("| **Mean over targets**"))
+    assert mean.split(" | ")[table[0].index("Forget new-word recall")] == "1.000 → 0.000"
     assert "## Detection" in report
     assert (tmp_path / "g" / "compare_targets.png").stat().st_size > 0
 

@@ -6,10 +6,11 @@ import pytest
 
 from gateway.evaluation.client import Completion
 from gateway.evaluation.records import Probe, ProbeResult
-from gateway.evaluation.scoring import score_answer, summarise
+from gateway.evaluation.scoring import rescore, score_answer, summarise
 
 
 def _probe(index: int, target: str, split: str, answer: str | None = "Carrie", **extra: object) -> Probe:
+    extra.setdefault("prompt", "Q")
     return Probe(
         id=f"rwku/{target}/{split}/{index}",
         suite="rwku",
@@ -17,7 +18,6 @@ def _probe(index: int, target: str, split: str, answer: str | None = "Carrie", *
         target=target,
         subject="Stephen King",
         level=int(split[-1]),
-        prompt="Q",
         answer=answer,
         max_tokens=32,
         stop=("\n",),
@@ -37,6 +37,19 @@ def test_forget_answer_is_cut_then_scored() -> None:
     assert result.scores.rouge_l_f1 == pytest.approx(2 * 1 * 0.25 / 1.25)
     assert result.scores.contains_answer is True
     assert result.scores.names_subject is True
+
+
+def test_new_word_recall_leaves_out_what_the_prompt_says() -> None:
+    probe = _probe(0, "1_King", "forget_level2", answer="The Dark Tower", prompt="Name his Tower series.")
+    assert _answer(probe, "The Tower series").scores.new_word_recall == 0.0
+    assert _answer(probe, "The Dark Tower").scores.new_word_recall == 1.0
+
+
+def test_rescoring_gives_an_older_record_the_metrics_added_since() -> None:
+    scored = _answer(_probe(0, "1_King", "forget_level1"), "He wrote Carrie.")
+    older = ProbeResult.model_validate(scored.model_dump() | {"scores": {"rouge_l_recall": 1.0}})
+    assert older.scores.new_word_recall is None
+    assert rescore(older) == scored
 
 
 def test_neighbour_answers_do_not_count_names() -> None:
