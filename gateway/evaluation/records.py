@@ -97,6 +97,9 @@ class Summary(BaseModel):
     """Split -> mean over targets of the per-target means (each target weighs the same, as in RWKU)."""
     rwku_attacks: dict[str, GroupScore] = {}
     """Attack type -> mean over all level-3 probes of that type, pooled across targets."""
+    rwku_neighbours_not_named: dict[str, GroupScore] = {}
+    """Neighbour split -> mean over targets as in `rwku_overall`, without the probes whose gold
+    answer is the target's own name (`scoring.answered_by_subject`)."""
     muse: dict[str, GroupScore] = {}
     utility: dict[str, GroupScore] = {}
     unknown_targets: list[str] | None = None

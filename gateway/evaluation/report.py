@@ -141,6 +141,7 @@ def _rwku_section(current: Summary, baseline: Summary | None) -> list[str]:
         " of forget answers that say the target's name.",
         "",
         *_table(header, rows),
+        *_name_answer_lines(current, baseline),
     ]
     if current.unknown_targets is None:
         lines.append(
@@ -155,6 +156,30 @@ def _rwku_section(current: Summary, baseline: Summary | None) -> list[str]:
     else:
         lines.append(f"Every target was known before any guard (forget L1/L2 recall ≥ {KNOWN_FLOOR}).")
     return [*lines, ""]
+
+
+def _not_named(summary: Summary) -> Mapping[str, GroupScore]:
+    return summary.rwku_neighbours_not_named
+
+
+def _name_answer_lines(current: Summary, baseline: Summary | None) -> list[str]:
+    """Neighbour recall without the probes answered by the target's own name, when there are any."""
+    named = {
+        split: current.rwku_overall[split].n - group.n
+        for split, group in current.rwku_neighbours_not_named.items()
+        if split in current.rwku_overall and group.n < current.rwku_overall[split].n
+    }
+    if not named:
+        return []
+    cells = "; ".join(
+        f"{SPLIT_LABELS[split]} {_cell(current, baseline, _value(_not_named, split))}" for split in named
+    )
+    return [
+        f"{sum(named.values())} neighbour probes have the target's own name, or part of it, as their gold"
+        ' answer ("The Mona Lisa is by Italian artist ___ da Vinci"): a guard must not say it. Without'
+        f" them, neighbour ROUGE-L recall is {cells}.",
+        "",
+    ]
 
 
 def _attack_section(current: Summary, baseline: Summary | None) -> list[str]:
@@ -220,7 +245,13 @@ def _sets(current: Summary) -> dict[str, GroupScore]:
 
 
 def _detection_section(current: Summary) -> list[str]:
-    groups = _sets(current) | {f"RWKU level 3, {a}": g for a, g in current.rwku_attacks.items()}
+    groups = _sets(current)
+    groups |= {
+        f"RWKU {SPLIT_LABELS[s]}, not answered by the target's name": g
+        for s, g in current.rwku_neighbours_not_named.items()
+        if s in current.rwku_overall and g.n < current.rwku_overall[s].n
+    }
+    groups |= {f"RWKU level 3, {a}": g for a, g in current.rwku_attacks.items()}
     rows = [[name, str(g.n), _fmt(g.detection_rate)] for name, g in groups.items()]
     return [
         "## Detection",

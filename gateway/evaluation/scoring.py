@@ -6,6 +6,7 @@ alike, so a baseline file written by an older version is summarised the same way
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -23,8 +24,25 @@ incidental word with the gold, so a drop after registration cannot be told from 
 FORGET_SPLITS = ("forget", "knowmem_forget")
 """Splits whose probes ask about a forget target (the others must not fire one)."""
 
+NEIGHBOUR_SPLIT = "neighbor"
+"""Prefix of RWKU's neighbour splits: questions about what surrounds a target."""
+
 STEMMED_SUITES = {"rwku": True, "muse": False, "utility": True}
 """MUSE scores without a stemmer; RWKU and TOFU recall are scored with it (see metrics)."""
+
+
+_WORD = re.compile(r"\w+")
+
+
+def answered_by_subject(probe: Probe) -> bool:
+    """Whether a neighbour probe's gold answer is the forget target's name or part of it: RWKU asks
+    Leonardo da Vinci's neighbours "The Mona Lisa is by Italian artist ___ da Vinci" and Paris
+    Hilton's "Carter Reum is known for his marriage to ___ Hilton". A guard that never lets the
+    target's name through must score zero there, so the report also shows neighbours without them."""
+    if probe.subject is None or probe.answer is None or not probe.split.startswith(NEIGHBOUR_SPLIT):
+        return False
+    answer = {word.casefold() for word in _WORD.findall(probe.answer)}
+    return bool(answer) and answer <= {word.casefold() for word in _WORD.findall(probe.subject)}
 
 
 def _detected(probe: Probe, fired: list[str] | None) -> bool | None:
@@ -162,11 +180,16 @@ def summarise(
     }
     splits = sorted({split for per_target in targets.values() for split in per_target})
     level3 = [r for r in rwku if r.attack is not None]
+    others = [r for r in rwku if r.split.startswith(NEIGHBOUR_SPLIT) and not answered_by_subject(r)]
     summary = Summary(
         rwku_targets=targets,
         rwku_subjects={r.target: r.subject for r in rwku if r.target and r.subject},
         rwku_overall={s: macro_mean(t[s] for t in targets.values() if s in t) for s in splits},
         rwku_attacks={a: group_score(rows, by_id) for a, rows in sorted(_by(level3, "attack").items())},
+        rwku_neighbours_not_named={
+            split: macro_mean(group_score(rows, by_id) for rows in _by(split_rows, "target").values())
+            for split, split_rows in sorted(_by(others, "split").items())
+        },
         muse={s: group_score(rows, by_id) for s, rows in _by(suites.get("muse", []), "split").items()},
         utility={s: group_score(rows, by_id) for s, rows in _by(suites.get("utility", []), "split").items()},
     )

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from gateway.evaluation.client import Completion
-from gateway.evaluation.records import Probe, ProbeResult
-from gateway.evaluation.scoring import rescore, score_answer, summarise
+from gateway.evaluation.records import EvalResults, Probe, ProbeResult, RunInfo
+from gateway.evaluation.report import render_markdown
+from gateway.evaluation.scoring import answered_by_subject, rescore, score_answer, summarise
 
 
 def _probe(index: int, target: str, split: str, answer: str | None = "Carrie", **extra: object) -> Probe:
@@ -124,3 +125,36 @@ def test_muse_counts_as_never_known_when_forget_knowmem_is_near_zero() -> None:
     assert summarise([muse(0, "a broom")], is_baseline=True).muse_never_known is True
     assert summarise([muse(0, "the Golden Snitch")], is_baseline=True).muse_never_known is False
     assert summarise([muse(0, "a broom")]).muse_never_known is None
+
+
+def test_neighbours_answered_by_the_targets_name_are_also_shown_apart() -> None:
+    named = _probe(0, "1_King", "neighbor_level1", answer="Stephen")
+    other = _probe(1, "1_King", "neighbor_level1", answer="Tabitha")
+    assert answered_by_subject(named) and not answered_by_subject(other)
+    assert not answered_by_subject(_probe(2, "1_King", "forget_level1", answer="Stephen King"))
+    assert not answered_by_subject(_probe(3, "1_King", "neighbor_level2", answer="Stephen Hawking"))
+    records = [_answer(named, "Someone"), _answer(other, "Tabitha King")]
+    summary = summarise(records, is_baseline=True)
+    assert summary.rwku_overall["neighbor_level1"].rouge_l_recall == 0.5
+    assert summary.rwku_neighbours_not_named["neighbor_level1"].rouge_l_recall == 1.0
+    info = RunInfo.model_validate(
+        {
+            "base_url": "http://x/v1",
+            "model": "m",
+            "suites": ["rwku"],
+            "data_dir": "d",
+            "targets": ["1_King"],
+            "levels": [1],
+            "sample": None,
+            "max_tokens": 32,
+            "instruction_max_tokens": 128,
+            "concurrency": 1,
+            "seed": 0,
+            "registration": "off",
+            "started_at": "now",
+            "wall_seconds": 1.0,
+        }
+    )
+    report = render_markdown(EvalResults(info=info, summary=summary, records=records), None, [])
+    assert "1 neighbour probes have the target's own name" in report
+    assert "Without them, neighbour ROUGE-L recall is Neighbour L1 1.000." in report
