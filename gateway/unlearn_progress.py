@@ -69,13 +69,23 @@ def print_summary(console: Console, manifest: CheckpointManifest, path: Path) ->
     if manifest.evaluation is None:
         return
     table = Table(title="before -> after")
-    for column in ("target", "forget recall", "neighbour recall", "MIA AUC loss", "zlib", "min-k%++"):
+    columns = (
+        "target",
+        "forget recall",
+        "forget new words",
+        "neighbour recall",
+        "MIA AUC loss",
+        "zlib",
+        "min-k%++",
+    )
+    for column in columns:
         table.add_column(column)
     rows = {**manifest.evaluation["targets"], "mean": manifest.evaluation["mean"]}
     for name, pair in rows.items():
         before, after = pair["before"], pair["after"]
         cells = [
-            f"{_cell(before[key])} -> {_cell(after[key])}" for key in ("forget_recall", "neighbour_recall")
+            f"{_cell(before.get(key))} -> {_cell(after.get(key))}"
+            for key in ("forget_recall", "forget_new_word_recall", "neighbour_recall")
         ] + [
             f"{_cell(before['mia_auc'].get(k))} -> {_cell(after['mia_auc'].get(k))}"
             for k in ("loss", "zlib", "mink++")

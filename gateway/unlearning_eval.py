@@ -49,6 +49,8 @@ class EvaluationOptions(BaseModel):
 class Snapshot(BaseModel):
     forget_recall: float | None = None
     """ROUGE-L recall of the gold answers over forget levels 1-2 (pooled)."""
+    forget_new_word_recall: float | None = None
+    """The same probes' new-word recall (`lethe eval`'s: the gold's words the question does not give)."""
     neighbour_recall: float | None = None
     mia_auc: dict[str, float] = Field(default_factory=dict)
 
@@ -88,9 +90,15 @@ class EvaluationPlan:
     options: EvaluationOptions
 
 
+MEASUREMENT_FORMAT = 2
+"""Raised when a measurement gains a metric, so that a cached one without it is not reused."""
+
+
 def plan_key(plan: EvaluationPlan, weights: str) -> str:
-    """Identifies a measurement: the weights measured and exactly what was asked of them."""
+    """Identifies a measurement: the weights measured, exactly what was asked of them, and the
+    metrics it holds."""
     content = {
+        "format": MEASUREMENT_FORMAT,
         "weights": weights,
         "probes": [p.model_dump(mode="json") for p in plan.probes],
         "mia": {name: [m.forget, m.retain] for name, m in plan.mia.items()},
@@ -182,6 +190,9 @@ def measure(
     for folder, splits in summary.rwku_targets.items():
         snapshot = per_target[plan.names[folder]]
         snapshot.forget_recall = scoring.pooled(splits[s] for s in FORGET_SPLITS if s in splits)
+        snapshot.forget_new_word_recall = scoring.pooled(
+            (splits[s] for s in FORGET_SPLITS if s in splits), "new_word_recall"
+        )
         snapshot.neighbour_recall = scoring.pooled(splits[s] for s in NEIGHBOUR_SPLITS if s in splits)
     mia_step = sub_step(step, answer_share, 1.0)
     for index, (name, texts) in enumerate(plan.mia.items()):
@@ -199,6 +210,7 @@ def measure(
 def _mean_snapshot(snapshots: Sequence[Snapshot]) -> Snapshot:
     return Snapshot(
         forget_recall=metrics.mean(s.forget_recall for s in snapshots),
+        forget_new_word_recall=metrics.mean(s.forget_new_word_recall for s in snapshots),
         neighbour_recall=metrics.mean(s.neighbour_recall for s in snapshots),
         mia_auc={
             name: value

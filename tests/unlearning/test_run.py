@@ -120,6 +120,7 @@ def test_ssd_run_writes_a_checkpoint_with_its_manifest(
     )
     assert set(manifest.evaluation["targets"]) == {"Grace Hopper", "Ada Lovelace"}
     ada = manifest.evaluation["targets"]["Ada Lovelace"]
+    assert ada["before"]["forget_new_word_recall"] is not None
     assert ada["before"]["forget_recall"] is not None and set(ada["after"]["mia_auc"]) == {
         "loss",
         "zlib",
