@@ -72,8 +72,9 @@ def print_summary(console: Console, manifest: CheckpointManifest, path: Path) ->
     columns = (
         "target",
         "forget recall",
-        "forget new words",
+        "new words",
         "neighbour recall",
+        "new words",
         "MIA AUC loss",
         "zlib",
         "min-k%++",
@@ -85,7 +86,12 @@ def print_summary(console: Console, manifest: CheckpointManifest, path: Path) ->
         before, after = pair["before"], pair["after"]
         cells = [
             f"{_cell(before.get(key))} -> {_cell(after.get(key))}"
-            for key in ("forget_recall", "forget_new_word_recall", "neighbour_recall")
+            for key in (
+                "forget_recall",
+                "forget_new_word_recall",
+                "neighbour_recall",
+                "neighbour_new_word_recall",
+            )
         ] + [
             f"{_cell(before['mia_auc'].get(k))} -> {_cell(after['mia_auc'].get(k))}"
             for k in ("loss", "zlib", "mink++")

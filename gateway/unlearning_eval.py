@@ -50,8 +50,10 @@ class Snapshot(BaseModel):
     forget_recall: float | None = None
     """ROUGE-L recall of the gold answers over forget levels 1-2 (pooled)."""
     forget_new_word_recall: float | None = None
-    """The same probes' new-word recall (`lethe eval`'s: the gold's words the question does not give)."""
+    """The same probes' new-word recall (`lethe eval`'s: the gold's words the question does not give),
+    here and for the neighbours: ROUGE-L recall also credits an answer for echoing the question."""
     neighbour_recall: float | None = None
+    neighbour_new_word_recall: float | None = None
     mia_auc: dict[str, float] = Field(default_factory=dict)
 
 
@@ -194,6 +196,9 @@ def measure(
             (splits[s] for s in FORGET_SPLITS if s in splits), "new_word_recall"
         )
         snapshot.neighbour_recall = scoring.pooled(splits[s] for s in NEIGHBOUR_SPLITS if s in splits)
+        snapshot.neighbour_new_word_recall = scoring.pooled(
+            (splits[s] for s in NEIGHBOUR_SPLITS if s in splits), "new_word_recall"
+        )
     mia_step = sub_step(step, answer_share, 1.0)
     for index, (name, texts) in enumerate(plan.mia.items()):
         scores = membership_scores(
@@ -212,6 +217,7 @@ def _mean_snapshot(snapshots: Sequence[Snapshot]) -> Snapshot:
         forget_recall=metrics.mean(s.forget_recall for s in snapshots),
         forget_new_word_recall=metrics.mean(s.forget_new_word_recall for s in snapshots),
         neighbour_recall=metrics.mean(s.neighbour_recall for s in snapshots),
+        neighbour_new_word_recall=metrics.mean(s.neighbour_new_word_recall for s in snapshots),
         mia_auc={
             name: value
             for name in MIA_SCORES

@@ -10,10 +10,12 @@ from typing import Literal
 import pytest
 import torch
 from pydantic import ValidationError
+from rich.console import Console
 
 from gateway.cli import main
 from gateway.config import Settings
 from gateway.store import open_store
+from gateway.unlearn_progress import print_summary
 from gateway.unlearning import UnlearnCancelled, run_unlearning, validate_spec
 from gateway.unlearning_eval import EvaluationOptions
 from guards.targets import TargetSpec
@@ -121,12 +123,21 @@ def test_ssd_run_writes_a_checkpoint_with_its_manifest(
     assert set(manifest.evaluation["targets"]) == {"Grace Hopper", "Ada Lovelace"}
     ada = manifest.evaluation["targets"]["Ada Lovelace"]
     assert ada["before"]["forget_new_word_recall"] is not None
+    assert ada["after"]["neighbour_new_word_recall"] is not None
     assert ada["before"]["forget_recall"] is not None and set(ada["after"]["mia_auc"]) == {
         "loss",
         "zlib",
         "mink++",
     }
     assert manifest.evaluation["targets"]["Grace Hopper"]["before"]["forget_recall"] is None  # no probes
+    console = Console(record=True, width=240)
+    print_summary(console, manifest, checkpoints.path(manifest.id))
+    mean = manifest.evaluation["mean"]
+    lines = console.export_text().splitlines()
+    assert any("neighbour recall" in line and line.count("new words") == 2 for line in lines)
+    row = next(line for line in lines if line.strip("│ ").startswith("mean"))
+    before, after = (mean[side]["neighbour_new_word_recall"] for side in ("before", "after"))
+    assert f"{before:.3f} -> {after:.3f}" in row
     assert progress.fractions == sorted(progress.fractions) and progress.fractions[-1] == 1.0
 
     child = run_unlearning(
