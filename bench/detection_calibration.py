@@ -41,7 +41,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from guards.anchors import query_chunks, tail_window
-from guards.detection import DetectionConfig, Evidence, TargetDetector
+from guards.config import DetectionConfig
+from guards.detection import Evidence, TargetDetector
 from guards.embedding import CachingEmbedder, Embedder, MiniLMEmbedder
 from guards.targets import Target
 

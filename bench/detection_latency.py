@@ -32,7 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from guards.classifier import NEUTRAL_PROMPTS
-from guards.detection import DetectionConfig, TargetDetector
+from guards.config import DetectionConfig
+from guards.detection import TargetDetector
 from guards.embedding import Embedder, MiniLMEmbedder
 from guards.targets import Target
 

@@ -44,7 +44,6 @@ from gateway.switching import (
     checkpoint_catalog,
     replaced,
 )
-from guards.compiler import GuardConfig
 from models.engine import Engine
 
 logger = logging.getLogger(__name__)
@@ -168,7 +167,7 @@ def create_app(
             model_name = (
                 engine.model_name if engine is not None else settings.served_model_name or base_path.name
             )
-            detectors = DetectorFactory()
+            detectors = DetectorFactory(settings.detection)
 
             def context(serving_engine: Engine, guard: GuardService, checkpoint: str) -> ServingContext:
                 current: ServingContext | None = getattr(app.state, "serving", None)
@@ -193,7 +192,7 @@ def create_app(
                 model_name=model_name,
                 build_engine=engine_factory or (lambda path, name: build_engine(settings, path, name)),
                 build_guard=lambda serving_engine: GuardService(
-                    store, serving_engine, detectors, GuardConfig()
+                    store, serving_engine, detectors, settings.guard
                 ),
                 catalog=checkpoints or (lambda: checkpoint_catalog(settings.home)),
                 drain_timeout=settings.drain_timeout_seconds,

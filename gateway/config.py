@@ -8,11 +8,13 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from guards.config import DetectionConfig, GuardConfig
+
 
 class Settings(BaseSettings):
     """Settings read from `LETHE_*` variables; `lethe serve` flags override the ones they name."""
 
-    model_config = SettingsConfigDict(env_prefix="LETHE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="LETHE_", env_nested_delimiter="__", extra="ignore")
 
     home: Path = Field(
         default=Path("~/.lethe"),
@@ -82,6 +84,17 @@ class Settings(BaseSettings):
     )
     audit_prompts: bool = Field(
         default=False, description="Keep the prompt in the audit record of a request on which a target fired."
+    )
+    detection: DetectionConfig = Field(
+        default_factory=DetectionConfig,
+        description="Which targets a request touches: thresholds and index settings, one variable each"
+        " (LETHE_DETECTION__CONTENT_THRESHOLD=0.8). The defaults are calibrated by"
+        " bench/detection_calibration.py.",
+    )
+    guard: GuardConfig = Field(
+        default_factory=GuardConfig,
+        description="What a fired target restricts: key terms, semantic penalty and its similarity,"
+        " the refusal text (LETHE_GUARD__PENALTY=6, LETHE_GUARD__REFUSAL=...).",
     )
 
     worker: bool = Field(

@@ -10,8 +10,9 @@ from typing import TypeVar
 
 from gateway.errors import APIError
 from gateway.store import Store
-from guards.compiler import GuardConfig, Vocabulary
-from guards.detection import DetectionConfig, TargetDetector
+from guards.compiler import Vocabulary
+from guards.config import DetectionConfig, GuardConfig
+from guards.detection import TargetDetector
 from guards.embedding import default_embedder
 from guards.index import Decision, Detector, GuardIndex
 from guards.targets import Target

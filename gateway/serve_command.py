@@ -7,14 +7,25 @@ import logging
 import signal
 from types import FrameType
 
+from pydantic import BaseModel
+
 from gateway.config import Settings
 
 
 def _settings_help() -> str:
+    """Every setting with its default; a group of settings (detection, guard) one variable per knob."""
     lines = ["configuration (environment variables; flags above override them):"]
     for name, field in Settings.model_fields.items():
-        default = field.default if field.default is not None else "unset"
-        lines.append(f"  LETHE_{name.upper():<22} {field.description} [default: {default}]")
+        variable = f"LETHE_{name.upper()}"
+        group = field.annotation
+        if isinstance(group, type) and issubclass(group, BaseModel):
+            lines.append(f"  {variable + '__*':<30} {field.description}")
+            for inner, spec in group.model_fields.items():
+                knob = f"{variable}__{inner.upper()}"
+                lines.append(f"    {knob:<42} {spec.description} [default: {spec.default}]")
+        else:
+            default = field.default if field.default is not None else "unset"
+            lines.append(f"  {variable:<30} {field.description} [default: {default}]")
     return "\n".join(lines)
 
 

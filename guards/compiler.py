@@ -7,29 +7,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from pydantic import BaseModel, Field
 
+from guards.config import GuardConfig
 from guards.forbidden import banned_token_sequences, spelling_variants
 from guards.key_terms import key_terms
 from guards.plan import GuardPlan
 from guards.targets import Policy, Target
 
 Encode = Callable[[str], list[int]]
-
-
-class GuardConfig(BaseModel):
-    """Knobs of restriction; `lethe eval` measures their effect on the dev data."""
-
-    key_terms: int = Field(default=300, ge=0, description="Most document key terms forbidden per target.")
-    key_term_min_count: int = Field(default=1, ge=1, description="Times a term must recur in the documents.")
-    penalty: float = Field(default=4.0, ge=0.0, description="Logit penalty on semantically close tokens.")
-    penalty_similarity: float = Field(
-        default=0.6, ge=0.0, le=1.0, description="Input-embedding cosine from which a token counts as close."
-    )
-    refusal: str = Field(
-        default="I'm sorry, but I can't help with that request.",
-        description="The answer of the refuse policy.",
-    )
 
 
 @dataclass(frozen=True)

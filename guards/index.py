@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Protocol
 
-from guards.compiler import CompiledTarget, GuardConfig, Vocabulary, compile_target, plan_for
+from guards.compiler import CompiledTarget, Vocabulary, compile_target, plan_for
+from guards.config import GuardConfig
 from guards.plan import GuardPlan
 from guards.targets import Target
 

@@ -336,3 +336,18 @@ def test_targets_and_the_generated_key_survive_a_restart(tiny_model_dir: Path, t
         assert http.get("/admin/targets").json()["data"] == [created.json()]
     log = server.log.read_text()
     assert str(key_file) in log and key_file.read_text().strip() not in log
+
+
+def test_the_detection_and_guard_settings_reach_the_guard(tmp_path: Path, engine_dir: Path) -> None:
+    # identity threshold -1: every request touches every target, so any prompt meets the refusal
+    app = build_app(
+        tmp_path, engine_dir, detection={"identity_threshold": -1.0}, guard={"refusal": "Not today."}
+    )
+    with TestClient(app, headers=ADMIN) as client:
+        register(client, policy="refuse")
+        user = {"Authorization": f"Bearer {USER_KEY}"}
+        model = client.get("/v1/models", headers=user).json()["data"][0]["id"]
+        body = {"model": model, "messages": [{"role": "user", "content": "What is 2 + 2?"}], "max_tokens": 8}
+        answer = client.post("/v1/chat/completions", json=body, headers=user)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["message"]["content"] == "Not today."

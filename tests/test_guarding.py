@@ -9,7 +9,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from gateway.guarding import CHECK_EVERY_CHARS, GuardTally, guarded_stream
-from guards.compiler import GuardConfig, compile_target
+from guards.compiler import compile_target
+from guards.config import GuardConfig
 from guards.index import GuardIndex
 from guards.targets import Target
 from models.engine import GenerationRequest, SamplingParams

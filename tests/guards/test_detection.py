@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from guards.detection import Detection, DetectionConfig, Evidence, TargetDetector
+from guards.config import DetectionConfig
+from guards.detection import Detection, Evidence, TargetDetector
 from guards.embedding import CachingEmbedder
 from guards.names import NameMatch, normalized_words
 from guards.targets import Target
