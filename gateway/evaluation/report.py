@@ -162,13 +162,19 @@ def _not_named(summary: Summary) -> Mapping[str, GroupScore]:
     return summary.rwku_neighbours_not_named
 
 
+def _named_neighbours(summary: Summary) -> dict[str, int]:
+    """Neighbour split -> how many of its probes the target's own name answers, where any do."""
+    counts = {
+        split: summary.rwku_overall[split].n - group.n
+        for split, group in summary.rwku_neighbours_not_named.items()
+        if split in summary.rwku_overall
+    }
+    return {split: count for split, count in counts.items() if count}
+
+
 def _name_answer_lines(current: Summary, baseline: Summary | None) -> list[str]:
     """Neighbour recall without the probes answered by the target's own name, when there are any."""
-    named = {
-        split: current.rwku_overall[split].n - group.n
-        for split, group in current.rwku_neighbours_not_named.items()
-        if split in current.rwku_overall and group.n < current.rwku_overall[split].n
-    }
+    named = _named_neighbours(current)
     if not named:
         return []
     cells = "; ".join(
@@ -247,9 +253,8 @@ def _sets(current: Summary) -> dict[str, GroupScore]:
 def _detection_section(current: Summary) -> list[str]:
     groups = _sets(current)
     groups |= {
-        f"RWKU {SPLIT_LABELS[s]}, not answered by the target's name": g
-        for s, g in current.rwku_neighbours_not_named.items()
-        if s in current.rwku_overall and g.n < current.rwku_overall[s].n
+        f"RWKU {SPLIT_LABELS[s]}, not answered by the target's name": current.rwku_neighbours_not_named[s]
+        for s in _named_neighbours(current)
     }
     groups |= {f"RWKU level 3, {a}": g for a, g in current.rwku_attacks.items()}
     rows = [[name, str(g.n), _fmt(g.detection_rate)] for name, g in groups.items()]
