@@ -191,14 +191,12 @@ def measure(
     per_target = {name: Snapshot() for name in {*plan.names.values(), *plan.mia}}
     for folder, splits in summary.rwku_targets.items():
         snapshot = per_target[plan.names[folder]]
-        snapshot.forget_recall = scoring.pooled(splits[s] for s in FORGET_SPLITS if s in splits)
-        snapshot.forget_new_word_recall = scoring.pooled(
-            (splits[s] for s in FORGET_SPLITS if s in splits), "new_word_recall"
-        )
-        snapshot.neighbour_recall = scoring.pooled(splits[s] for s in NEIGHBOUR_SPLITS if s in splits)
-        snapshot.neighbour_new_word_recall = scoring.pooled(
-            (splits[s] for s in NEIGHBOUR_SPLITS if s in splits), "new_word_recall"
-        )
+        forget = [splits[s] for s in FORGET_SPLITS if s in splits]
+        neighbours = [splits[s] for s in NEIGHBOUR_SPLITS if s in splits]
+        snapshot.forget_recall = scoring.pooled(forget)
+        snapshot.forget_new_word_recall = scoring.pooled(forget, "new_word_recall")
+        snapshot.neighbour_recall = scoring.pooled(neighbours)
+        snapshot.neighbour_new_word_recall = scoring.pooled(neighbours, "new_word_recall")
     mia_step = sub_step(step, answer_share, 1.0)
     for index, (name, texts) in enumerate(plan.mia.items()):
         scores = membership_scores(
