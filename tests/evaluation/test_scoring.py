@@ -133,7 +133,11 @@ def test_neighbours_answered_by_the_targets_name_are_also_shown_apart() -> None:
     assert answered_by_subject(named) and not answered_by_subject(other)
     assert not answered_by_subject(_probe(2, "1_King", "forget_level1", answer="Stephen King"))
     assert not answered_by_subject(_probe(3, "1_King", "neighbor_level2", answer="Stephen Hawking"))
-    records = [_answer(named, "Someone"), _answer(other, "Tabitha King")]
+    # the guard fired on the question the target's name answers, not on the other one
+    records = [
+        score_answer(named, Completion(output="Someone"), ["Stephen King"]),
+        score_answer(other, Completion(output="Tabitha King"), []),
+    ]
     summary = summarise(records, is_baseline=True)
     assert summary.rwku_overall["neighbor_level1"].rouge_l_recall == 0.5
     assert summary.rwku_neighbours_not_named["neighbor_level1"].rouge_l_recall == 1.0
@@ -158,3 +162,5 @@ def test_neighbours_answered_by_the_targets_name_are_also_shown_apart() -> None:
     report = render_markdown(EvalResults(info=info, summary=summary, records=records), None, [])
     assert "1 neighbour probes have the target's own name" in report
     assert "Without them, neighbour ROUGE-L recall is Neighbour L1 1.000." in report
+    assert "| RWKU Neighbour L1 | 2 | 0.500 |" in report
+    assert "| RWKU Neighbour L1, not answered by the target's name | 1 | 0.000 |" in report
