@@ -210,7 +210,8 @@ def measure(
     return Measurement(per_target=per_target, utility_recall=scoring.pooled(summary.utility.values()))
 
 
-def _mean_snapshot(snapshots: Sequence[Snapshot]) -> Snapshot:
+def mean_snapshot(snapshots: Sequence[Snapshot]) -> Snapshot:
+    """Each target weighs the same, as RWKU averages."""
     return Snapshot(
         forget_recall=metrics.mean(s.forget_recall for s in snapshots),
         forget_new_word_recall=metrics.mean(s.forget_new_word_recall for s in snapshots),
@@ -232,8 +233,8 @@ def combine(plan: EvaluationPlan, before: Measurement, after: Measurement, secon
     return Evaluation(
         targets=targets,
         mean=BeforeAfter(
-            before=_mean_snapshot([t.before for t in targets.values()]),
-            after=_mean_snapshot([t.after for t in targets.values()]),
+            before=mean_snapshot([t.before for t in targets.values()]),
+            after=mean_snapshot([t.after for t in targets.values()]),
         ),
         utility_recall={"before": before.utility_recall, "after": after.utility_recall},
         probes=len(plan.probes),
