@@ -8,7 +8,7 @@ goal of issue #6 (forget recall halved, neighbour recall at least 90% of its bas
 after `--` go to every `lethe unlearn` call (hyperparameters, evaluation sizes).
 
     python bench/unlearning_per_target.py [--methods ssd flat] [--out eval-runs/unlearning/per-target] \
-        [--rwku ../shared/eval/rwku] [TARGET_FOLDER ...] [-- --learning-rate 1e-5]
+        [--rwku $LETHE_EVAL_DATA/rwku] [TARGET_FOLDER ...] [-- --learning-rate 1e-5]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gateway.unlearning_data import default_data_dir
 from gateway.unlearning_eval import BeforeAfter, Evaluation, Snapshot, mean_snapshot
 from models.checkpoints import CheckpointManifest, CheckpointStore
 
@@ -113,7 +114,12 @@ def main() -> None:
     )
     parser.add_argument("--methods", nargs="+", default=["ssd", "flat"], choices=["ssd", "flat"])
     parser.add_argument("--out", type=Path, default=Path("eval-runs/unlearning/per-target"))
-    parser.add_argument("--rwku", type=Path, default=Path(__file__).resolve().parents[2] / "shared/eval/rwku")
+    parser.add_argument(
+        "--rwku",
+        type=Path,
+        default=default_data_dir() / "rwku",
+        help="RWKU targets folder [default: $LETHE_EVAL_DATA/rwku, as `lethe unlearn` reads]",
+    )
     args = parser.parse_args(own)
     targets = args.targets or sorted(p for p in args.rwku.iterdir() if (p / "passage.json").is_file())
 
