@@ -73,6 +73,10 @@ def _recalls(before: Snapshot, after: Snapshot) -> list[str]:
 _VERDICT = {True: "yes", False: "no", None: "-"}
 
 
+def _markdown(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
 def row(method: str, manifest: CheckpointManifest) -> tuple[str, BeforeAfter, bool | None]:
     """One table row for a single-target checkpoint, its before/after means and its verdict."""
     if manifest.evaluation is None:
@@ -89,7 +93,7 @@ def row(method: str, manifest: CheckpointManifest) -> tuple[str, BeforeAfter, bo
         f"{manifest.timings.get('method', 0):.0f}",
         _VERDICT[meets],
     ]
-    return "| " + " | ".join(cells) + " |", evaluation.mean, meets
+    return _markdown(cells), evaluation.mean, meets
 
 
 def mean_row(method: str, results: list[BeforeAfter], verdicts: list[bool | None]) -> str:
@@ -98,8 +102,8 @@ def mean_row(method: str, results: list[BeforeAfter], verdicts: list[bool | None
     after = mean_snapshot([r.after for r in results])
     met = sum(1 for v in verdicts if v)
     judged = sum(1 for v in verdicts if v is not None)
-    cells = [method, f"mean of {len(results)} targets", *_recalls(before, after), "", ""]
-    return "| " + " | ".join([*cells, f"{_VERDICT[_meets(before, after)]}; {met} of {judged} alone"]) + " |"
+    verdict = f"{_VERDICT[_meets(before, after)]}; {met} of {judged} alone"
+    return _markdown([method, f"mean of {len(results)} targets", *_recalls(before, after), "", "", verdict])
 
 
 def main() -> None:
