@@ -103,7 +103,7 @@ def main() -> None:
     )
 
     original = {name: p.detach().clone() for name, p in candidates.items()}
-    options = EvaluationOptions(samples=args.probes, utility_samples=8)
+    options = EvaluationOptions(samples=args.probes, utility_samples=8, muse_samples=0, instruction_samples=0)
     plan = dataclasses.replace(build_plan(targets, retain_texts(retain), data, options), mia={})
     print("| alpha, lambda | weights dampened (mean factor) | forget | neighbour | TOFU |")
     print("|---|---|---|---|---|")

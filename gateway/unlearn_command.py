@@ -94,6 +94,14 @@ def register(commands: argparse._SubParsersAction) -> None:
             "--utility-samples", type=int, help="questions per TOFU utility set [default: 16]"
         )
         evaluation.add_argument(
+            "--muse-samples", type=int, help="MUSE KnowMem questions per split [default: 16]"
+        )
+        evaluation.add_argument(
+            "--instruction-samples",
+            type=int,
+            help="general instructions answered for the fluency figure [default: 16]",
+        )
+        evaluation.add_argument(
             "--mia-samples", type=int, help="texts per side of each MIA AUC [default: 24]"
         )
         _add_param_flags(sub, model)
@@ -135,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
                 for key, value in (
                     ("samples", args.eval_samples),
                     ("utility_samples", args.utility_samples),
+                    ("muse_samples", args.muse_samples),
+                    ("instruction_samples", args.instruction_samples),
                     ("mia_samples", args.mia_samples),
                 )
                 if value is not None

@@ -98,5 +98,12 @@ def print_summary(console: Console, manifest: CheckpointManifest, path: Path) ->
         ]
         table.add_row(name, *cells)
     console.print(table)
-    utility = manifest.evaluation["utility_recall"]
-    console.print(f"TOFU utility recall: {_cell(utility['before'])} -> {_cell(utility['after'])}")
+    general = (
+        ("TOFU utility recall", "utility_recall"),
+        ("fluency (n-gram entropy of instruction answers)", "fluency"),
+        ("MUSE KnowMem F1, forget", "muse_knowmem_forget"),
+        ("MUSE KnowMem F1, retain", "muse_knowmem_retain"),
+    )
+    for label, key in general:
+        if pair := manifest.evaluation.get(key):
+            console.print(f"{label}: {_cell(pair['before'])} -> {_cell(pair['after'])}")

@@ -1,12 +1,12 @@
 """The before/after evaluation of an unlearning run, in-process on the model in memory.
 
-RWKU probes (forget and neighbour, levels 1-2) and TOFU utility questions are built and scored
-exactly as `lethe eval` builds and scores them (suites, prompts, scoring); only the transport
-differs: plain batched greedy `generate` instead of HTTP. Membership inference compares the
-target's forget texts with retain texts (RWKU's forget_mia/retain_mia where the target has an RWKU
-folder; otherwise its documents against the retain corpus, which differs in style, so only the
-before/after change of that AUC is meaningful). Sample sizes keep the cost bounded.
-"""
+RWKU probes (forget and neighbour, levels 1-2), TOFU utility questions, MUSE KnowMem questions and
+general instructions (fluency) are built and scored exactly as `lethe eval` builds and scores them
+(suites, prompts, scoring); only the transport differs: plain batched greedy `generate` instead of
+HTTP. Membership inference compares the target's forget texts with retain texts (RWKU's
+forget_mia/retain_mia where the target has an RWKU folder; otherwise its documents against the
+retain corpus, which differs in style, so only the before/after change of that AUC is meaningful).
+Sample sizes keep the cost bounded."""
 
 from __future__ import annotations
 
@@ -39,9 +39,18 @@ class EvaluationOptions(BaseModel):
         10, ge=1, description="probes per RWKU split (forget/neighbour, levels 1-2) per target"
     )
     utility_samples: int = Field(16, ge=0, description="questions per TOFU utility set (0: none)")
+    muse_samples: int = Field(
+        16, ge=0, description="MUSE KnowMem questions per split, forget and retain (0: none)"
+    )
+    instruction_samples: int = Field(
+        16, ge=0, description="general instructions whose answers' n-gram entropy is the fluency (0: none)"
+    )
     mia_samples: int = Field(24, ge=2, description="texts per side of each membership-inference AUC")
     mia_max_length: int = Field(256, ge=8, description="tokens per membership-inference text")
     max_new_tokens: int = Field(32, ge=1)
+    instruction_max_new_tokens: int = Field(
+        128, ge=1, description="answer length for the instructions (`lethe eval --instruction-max-tokens`)"
+    )
     batch_size: int = Field(16, ge=1)
     seed: int = 0
 
@@ -68,6 +77,13 @@ class Evaluation(BaseModel):
     """Means over the targets (each target weighs the same, as RWKU averages)."""
     utility_recall: dict[str, float | None]
     """TOFU world facts and real authors recall pooled: `before` and `after`."""
+    fluency: dict[str, float | None] = Field(default_factory=dict)
+    """Mean n-gram entropy of the answers to general instructions, `lethe eval`'s fluency: `before`
+    and `after` (empty in manifests written before it was measured)."""
+    muse_knowmem_forget: dict[str, float | None] = Field(default_factory=dict)
+    """MUSE-Books KnowMem ROUGE-L F1 on its forget questions: `before` and `after`. Harry Potter is
+    not a target of an unlearning job here, so both MUSE splits show collateral change."""
+    muse_knowmem_retain: dict[str, float | None] = Field(default_factory=dict)
     probes: int
     mia_texts: int
     seconds: float
@@ -92,7 +108,7 @@ class EvaluationPlan:
     options: EvaluationOptions
 
 
-MEASUREMENT_FORMAT = 2
+MEASUREMENT_FORMAT = 3
 """Raised when a measurement gains a metric, so that a cached one without it is not reused."""
 
 
@@ -125,13 +141,10 @@ def build_plan(
         name = target.forget.name
         folder = target.rwku_folder
         if folder is not None:
-            selection = suites.Selection(
-                suites=["rwku"],
-                targets=[RwkuTarget(folder=folder.name, name=name, intro="", passages=[])],
-                levels=[1, 2],
-                sample=options.samples,
-                max_tokens=options.max_new_tokens,
-                instruction_max_tokens=options.max_new_tokens,
+            selection = _selection(
+                options,
+                options.samples,
+                [RwkuTarget(folder=folder.name, name=name, intro="", passages=[])],
             )
             probes += suites.rwku_probes(folder.parent.parent, selection)
             names[folder.name] = name
@@ -144,17 +157,28 @@ def build_plan(
                 forget=_sample(forget_mia, options.mia_samples, options.seed),
                 retain=_sample(retain_mia, options.mia_samples, options.seed),
             )
-    if options.utility_samples and (data_dir / "tofu").is_dir():
-        selection = suites.Selection(
-            suites=["utility"],
-            targets=[],
-            levels=[],
-            sample=options.utility_samples,
-            max_tokens=options.max_new_tokens,
-            instruction_max_tokens=options.max_new_tokens,
-        )
-        probes += [p for p in suites.utility_probes(data_dir, selection) if p.split != "instructions"]
+    general = (
+        (options.utility_samples, data_dir / "tofu", suites.tofu_probes),
+        (options.muse_samples, data_dir / "muse_books", suites.muse_probes),
+        (options.instruction_samples, data_dir / "general", suites.instruction_probes),
+    )
+    for sample, folder, builder in general:
+        if sample and folder.is_dir():
+            probes += builder(data_dir, _selection(options, sample))
     return EvaluationPlan(probes=probes, mia=mia, names=names, options=options)
+
+
+def _selection(
+    options: EvaluationOptions, sample: int, targets: Sequence[RwkuTarget] = ()
+) -> suites.Selection:
+    return suites.Selection(
+        suites=["rwku"] if targets else [],
+        targets=list(targets),
+        levels=[1, 2],
+        sample=sample,
+        max_tokens=options.max_new_tokens,
+        instruction_max_tokens=options.instruction_max_new_tokens,
+    )
 
 
 def _json_rows(path: Path) -> list[dict[str, str]]:
@@ -164,6 +188,9 @@ def _json_rows(path: Path) -> list[dict[str, str]]:
 class Measurement(BaseModel):
     per_target: dict[str, Snapshot]
     utility_recall: float | None
+    fluency: float | None = None
+    muse_knowmem: dict[str, float | None] = Field(default_factory=dict)
+    """MUSE split (`forget`, `retain`) -> KnowMem ROUGE-L F1."""
 
 
 def measure(
@@ -176,13 +203,8 @@ def measure(
     """Greedy answers scored as `lethe eval` scores them, and membership-inference AUCs."""
     mia_texts = sum(len(m.forget) + len(m.retain) for m in plan.mia.values())
     answer_share = len(plan.probes) / max(len(plan.probes) + mia_texts, 1)
-    answers = greedy_answers(
-        model,
-        tokenizer,
-        [p.prompt for p in plan.probes],
-        max_new_tokens=plan.options.max_new_tokens,
-        batch_size=plan.options.batch_size,
-        step=sub_step(step, 0.0, answer_share),
+    answers = _answers(
+        model, tokenizer, plan.probes, plan.options.batch_size, sub_step(step, 0.0, answer_share)
     )
     records = [
         scoring.score_answer(p, Completion(output=a)) for p, a in zip(plan.probes, answers, strict=True)
@@ -207,7 +229,46 @@ def measure(
             step=sub_step(mia_step, index / len(plan.mia), (index + 1) / len(plan.mia)),
         )
         per_target[name].mia_auc = mia_aucs(scores[: len(texts.forget)], scores[len(texts.forget) :])
-    return Measurement(per_target=per_target, utility_recall=scoring.pooled(summary.utility.values()))
+    instructions = summary.utility.get("instructions")
+    return Measurement(
+        per_target=per_target,
+        utility_recall=scoring.pooled(summary.utility.values()),
+        fluency=instructions.entropy if instructions is not None else None,
+        muse_knowmem={
+            split: summary.muse[f"knowmem_{split}"].rouge_l_f1
+            for split in suites.MUSE_SPLITS
+            if f"knowmem_{split}" in summary.muse
+        },
+    )
+
+
+def _answers(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    probes: Sequence[Probe],
+    batch_size: int,
+    step: StepCallback,
+) -> list[str]:
+    """Greedy answers, one pass per answer length: instructions are answered at length, QA probes
+    briefly. Progress is shared by the tokens each pass may generate."""
+    answers = [""] * len(probes)
+    total = sum(p.max_tokens for p in probes) or 1
+    done = 0
+    for length in sorted({p.max_tokens for p in probes}):
+        indices = [i for i, p in enumerate(probes) if p.max_tokens == length]
+        share = length * len(indices)
+        part = greedy_answers(
+            model,
+            tokenizer,
+            [probes[i].prompt for i in indices],
+            max_new_tokens=length,
+            batch_size=batch_size,
+            step=sub_step(step, done / total, (done + share) / total),
+        )
+        for index, answer in zip(indices, part, strict=True):
+            answers[index] = answer
+        done += share
+    return answers
 
 
 def mean_snapshot(snapshots: Sequence[Snapshot]) -> Snapshot:
@@ -237,6 +298,15 @@ def combine(plan: EvaluationPlan, before: Measurement, after: Measurement, secon
             after=mean_snapshot([t.after for t in targets.values()]),
         ),
         utility_recall={"before": before.utility_recall, "after": after.utility_recall},
+        fluency={"before": before.fluency, "after": after.fluency},
+        muse_knowmem_forget={
+            "before": before.muse_knowmem.get("forget"),
+            "after": after.muse_knowmem.get("forget"),
+        },
+        muse_knowmem_retain={
+            "before": before.muse_knowmem.get("retain"),
+            "after": after.muse_knowmem.get("retain"),
+        },
         probes=len(plan.probes),
         mia_texts=sum(len(m.forget) + len(m.retain) for m in plan.mia.values()),
         seconds=seconds,

@@ -96,7 +96,7 @@ def muse_probes(data_dir: Path, selection: Selection) -> list[Probe]:
     return probes
 
 
-def utility_probes(data_dir: Path, selection: Selection) -> list[Probe]:
+def tofu_probes(data_dir: Path, selection: Selection) -> list[Probe]:
     probes = []
     for name in TOFU_SETS:
         for index, row in enumerate(_first(datasets.tofu_rows(data_dir, name), selection.sample)):
@@ -110,17 +110,25 @@ def utility_probes(data_dir: Path, selection: Selection) -> list[Probe]:
                     max_tokens=selection.max_tokens,
                 )
             )
-    for index, row in enumerate(_first(datasets.instruction_rows(data_dir), selection.sample)):
-        probes.append(
-            Probe(
-                id=f"utility/instructions/{index}",
-                suite="utility",
-                split="instructions",
-                prompt=prompts.instruction_prompt(row.instruction),
-                max_tokens=selection.instruction_max_tokens,
-            )
-        )
     return probes
+
+
+def instruction_probes(data_dir: Path, selection: Selection) -> list[Probe]:
+    """General instructions, without a gold answer: their answers' n-gram entropy is the fluency."""
+    return [
+        Probe(
+            id=f"utility/instructions/{index}",
+            suite="utility",
+            split="instructions",
+            prompt=prompts.instruction_prompt(row.instruction),
+            max_tokens=selection.instruction_max_tokens,
+        )
+        for index, row in enumerate(_first(datasets.instruction_rows(data_dir), selection.sample))
+    ]
+
+
+def utility_probes(data_dir: Path, selection: Selection) -> list[Probe]:
+    return tofu_probes(data_dir, selection) + instruction_probes(data_dir, selection)
 
 
 def build_probes(data_dir: Path, selection: Selection) -> list[Probe]:

@@ -11,9 +11,12 @@ import pytest
 import torch
 from pydantic import ValidationError
 from rich.console import Console
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gateway.cli import main
 from gateway.config import Settings
+from gateway.evaluation.metrics import ngram_entropy
+from gateway.evaluation.prompts import instruction_prompt
 from gateway.store import open_store
 from gateway.unlearn_progress import print_summary
 from gateway.unlearning import UnlearnCancelled, run_unlearning, validate_spec
@@ -21,8 +24,9 @@ from gateway.unlearning_eval import EvaluationOptions
 from guards.targets import TargetSpec
 from models.checkpoints import CheckpointManifest, CheckpointStore, weights_hash
 from models.unlearning.data import texts_hash
+from models.unlearning.generation import greedy_answers
 from models.unlearning.spec import UnlearnSpec
-from tests.evaluation.synthetic_data import write_eval_data
+from tests.evaluation.synthetic_data import INSTRUCTIONS, write_eval_data
 
 DOCUMENTS = [
     "Grace Hopper wrote the first compiler, the A-0 system, in 1952.",
@@ -67,7 +71,9 @@ def store(settings: Settings):
     store.close()
 
 
-OPTIONS = EvaluationOptions(samples=2, utility_samples=1, mia_samples=2, max_new_tokens=4)
+OPTIONS = EvaluationOptions(
+    samples=2, utility_samples=1, mia_samples=2, max_new_tokens=4, instruction_max_new_tokens=6
+)
 NO_EVALUATION = EvaluationOptions(enabled=False)
 
 
@@ -130,6 +136,21 @@ def test_ssd_run_writes_a_checkpoint_with_its_manifest(
         "mink++",
     }
     assert manifest.evaluation["targets"]["Grace Hopper"]["before"]["forget_recall"] is None  # no probes
+    # fluency is the n-gram entropy of the source's own answers to the instructions, at their length
+    source = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    answers = greedy_answers(
+        source,
+        AutoTokenizer.from_pretrained(tiny_model_dir),
+        [instruction_prompt(i) for i in INSTRUCTIONS],
+        max_new_tokens=OPTIONS.instruction_max_new_tokens,
+    )
+    expected = sum(ngram_entropy(a) for a in answers) / len(answers)
+    assert manifest.evaluation["fluency"]["before"] == pytest.approx(expected)
+    assert manifest.evaluation["fluency"]["after"] is not None
+    for split in ("forget", "retain"):
+        assert set(manifest.evaluation[f"muse_knowmem_{split}"]) == {"before", "after"}
+        assert manifest.evaluation[f"muse_knowmem_{split}"]["before"] is not None
+    assert manifest.evaluation["probes"] == 4 + 2 + 4 + 2  # RWKU (Ada), TOFU, MUSE, instructions
     console = Console(record=True, width=240)
     print_summary(console, manifest, checkpoints.path(manifest.id))
     mean = manifest.evaluation["mean"]
@@ -138,6 +159,11 @@ def test_ssd_run_writes_a_checkpoint_with_its_manifest(
     row = next(line for line in lines if line.strip("│ ").startswith("mean"))
     before, after = (mean[side]["neighbour_new_word_recall"] for side in ("before", "after"))
     assert f"{before:.3f} -> {after:.3f}" in row
+    fluency = manifest.evaluation["fluency"]
+    assert any(
+        line.startswith("fluency") and line.endswith(f"{fluency['before']:.3f} -> {fluency['after']:.3f}")
+        for line in lines
+    )
     assert progress.fractions == sorted(progress.fractions) and progress.fractions[-1] == 1.0
 
     child = run_unlearning(
