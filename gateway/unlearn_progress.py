@@ -105,5 +105,5 @@ def print_summary(console: Console, manifest: CheckpointManifest, path: Path) ->
         ("MUSE KnowMem F1, retain", "muse_knowmem_retain"),
     )
     for label, key in general:
-        if pair := manifest.evaluation.get(key):
-            console.print(f"{label}: {_cell(pair['before'])} -> {_cell(pair['after'])}")
+        pair = manifest.evaluation[key]
+        console.print(f"{label}: {_cell(pair['before'])} -> {_cell(pair['after'])}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -286,6 +286,12 @@ def mean_snapshot(snapshots: Sequence[Snapshot]) -> Snapshot:
     )
 
 
+def _before_after(
+    before: Measurement, after: Measurement, value: Callable[[Measurement], float | None]
+) -> dict[str, float | None]:
+    return {"before": value(before), "after": value(after)}
+
+
 def combine(plan: EvaluationPlan, before: Measurement, after: Measurement, seconds: float) -> Evaluation:
     targets = {
         name: BeforeAfter(before=before.per_target[name], after=after.per_target[name])
@@ -297,16 +303,10 @@ def combine(plan: EvaluationPlan, before: Measurement, after: Measurement, secon
             before=mean_snapshot([t.before for t in targets.values()]),
             after=mean_snapshot([t.after for t in targets.values()]),
         ),
-        utility_recall={"before": before.utility_recall, "after": after.utility_recall},
-        fluency={"before": before.fluency, "after": after.fluency},
-        muse_knowmem_forget={
-            "before": before.muse_knowmem.get("forget"),
-            "after": after.muse_knowmem.get("forget"),
-        },
-        muse_knowmem_retain={
-            "before": before.muse_knowmem.get("retain"),
-            "after": after.muse_knowmem.get("retain"),
-        },
+        utility_recall=_before_after(before, after, lambda m: m.utility_recall),
+        fluency=_before_after(before, after, lambda m: m.fluency),
+        muse_knowmem_forget=_before_after(before, after, lambda m: m.muse_knowmem.get("forget")),
+        muse_knowmem_retain=_before_after(before, after, lambda m: m.muse_knowmem.get("retain")),
         probes=len(plan.probes),
         mia_texts=sum(len(m.forget) + len(m.retain) for m in plan.mia.values()),
         seconds=seconds,
