@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from functools import lru_cache
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -67,6 +67,14 @@ def _stop_words(stemmer: bool) -> frozenset[str]:
     return frozenset(token for word in ENGLISH_STOP_WORDS for token in tokenize(word))
 
 
+def content_tokens(reference: str, given: str = "", *, stemmer: bool = True) -> Counter[str]:
+    """The gold answer's content words (`rouge-score` tokens, stop words left out) that `given`, the
+    prompt, does not contain: what an answer can only say if the model knows it."""
+    tokenize = _rouge_tokenizer(stemmer).tokenize
+    skip = _stop_words(stemmer) | set(tokenize(given))
+    return Counter(token for token in tokenize(reference) if token not in skip)
+
+
 def new_word_recall(reference: str, prediction: str, prompt: str, *, stemmer: bool = True) -> float | None:
     """Share of the gold answer's content words that the prompt does not give and the prediction says.
 
@@ -76,13 +84,18 @@ def new_word_recall(reference: str, prediction: str, prompt: str, *, stemmer: bo
     counts only the words it had to know (clipped unigram counts, `rouge-score` tokens). None when
     the prompt holds every content word of the gold, as a multiple-choice question lists the answer.
     """
-    tokenize = _rouge_tokenizer(stemmer).tokenize
-    given = _stop_words(stemmer) | set(tokenize(prompt))
-    wanted = Counter(token for token in tokenize(reference) if token not in given)
+    wanted = content_tokens(reference, prompt, stemmer=stemmer)
     if not wanted:
         return None
-    said = wanted & Counter(tokenize(prediction))
+    said = wanted & Counter(_rouge_tokenizer(stemmer).tokenize(prediction))
     return sum(said.values()) / sum(wanted.values())
+
+
+def without_words(text: str, tokens: Collection[str], *, stemmer: bool = True) -> str:
+    """`text` less every whitespace-separated word that spells one of `tokens` (`rouge-score` forms):
+    the answer as it would read had decoding never been allowed to say them."""
+    tokenize = _rouge_tokenizer(stemmer).tokenize
+    return " ".join(word for word in text.split() if not any(token in tokens for token in tokenize(word)))
 
 
 def contains_phrase(text: str, phrase: str) -> bool:

@@ -112,3 +112,19 @@ def test_new_word_recall_counts_the_gold_words_the_prompt_does_not_give(
     gold: str, output: str, prompt: str, expected: float | None
 ) -> None:
     assert metrics.new_word_recall(gold, output, prompt) == expected
+
+
+def test_without_words_removes_the_gold_words_an_answer_could_not_have_said() -> None:
+    """What `bench/forget_recall_floor.py` leaves of an answer: words spelling a removed token go
+    (stemmed and with punctuation attached), everything else stays, so the stop words and the words
+    the question gave still score."""
+    gold, prompt = "University of Nebraska", "Which university did he attend?"
+    new = metrics.content_tokens(gold, prompt)
+    assert set(new) == {"nebraska"}
+    answer = "He went to the University of Nebraska, as did his father."
+    stripped = metrics.without_words(answer, new)
+    assert stripped == "He went to the University of as did his father."
+    assert metrics.rouge_l(gold, stripped).recall == pytest.approx(2 / 3)
+    everything = metrics.content_tokens(gold)
+    assert metrics.without_words(answer, everything) == "He went to the of as did his father."
+    assert metrics.without_words("Socrates taught Plato's pupils", {"plato"}) == "Socrates taught pupils"
