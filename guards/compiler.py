@@ -40,6 +40,7 @@ class CompiledTarget:
     policy: Policy
     forbidden_strings: tuple[str, ...]
     forbidden_words: tuple[str, ...]
+    forbidden_names: tuple[str, ...]
     banned_sequences: tuple[tuple[int, ...], ...]
     penalized_tokens: tuple[int, ...]
 
@@ -59,6 +60,14 @@ def _common_word(term: str, encode: Encode) -> bool:
     """A one-word term whose lower-case form is a single vocabulary token is an everyday word
     ("Writing", "American"): forbidding it would cripple answers while hiding nothing specific."""
     return " " not in term and not term.isdigit() and len(encode(" " + term.lower())) == 1
+
+
+def _name_words(strings: Sequence[str], min_chars: int) -> tuple[str, ...]:
+    """The long words of a target's names and aliases. Kept from saying the name, a model writes
+    it misspelt ("Warre Buffetti", "Sócrates" aside, which the matcher folds): words this long
+    are misspelt into words of no other meaning."""
+    words = (word.strip(".,'’") for string in strings for word in string.split())
+    return tuple(dict.fromkeys(word for word in words if len(word) >= min_chars and word.isalpha()))
 
 
 def compile_target(
@@ -88,6 +97,7 @@ def compile_target(
         policy=target.policy,
         forbidden_strings=strings,
         forbidden_words=words,
+        forbidden_names=_name_words([target.name, *target.aliases], config.misspelt_name_min_chars),
         banned_sequences=sequences,
         penalized_tokens=_close_tokens(anchors, vocabulary, config.penalty_similarity),
     )
@@ -102,6 +112,7 @@ def plan_for(fired: Sequence[CompiledTarget], config: GuardConfig) -> GuardPlan:
         banned_sequences=tuple(sorted({s for t in fired for s in t.banned_sequences})),
         forbidden_strings=tuple(dict.fromkeys(s for t in fired for s in t.forbidden_strings)),
         forbidden_words=tuple(dict.fromkeys(w for t in fired for w in t.forbidden_words)),
+        forbidden_names=tuple(dict.fromkeys(w for t in fired for w in t.forbidden_names)),
         penalized_tokens=tuple(sorted({i for t in fired for i in t.penalized_tokens})),
         penalty=config.penalty,
     )

@@ -76,6 +76,12 @@ class GuardConfig(BaseModel):
 
     key_terms: int = Field(default=300, ge=0, description="Most document key terms forbidden per target.")
     key_term_min_count: int = Field(default=1, ge=1, description="Times a term must recur in the documents.")
+    misspelt_name_min_chars: int = Field(
+        default=6,
+        ge=1,
+        description="Letters a word of a fired target's name needs before its one-letter misspellings "
+        "are forbidden too.",
+    )
     penalty: float = Field(default=4.0, ge=0.0, description="Logit penalty on semantically close tokens.")
     penalty_similarity: float = Field(
         default=0.6, ge=0.0, le=1.0, description="Input-embedding cosine from which a token counts as close."

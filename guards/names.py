@@ -59,9 +59,11 @@ _BESIDE_NAMES = _NEUTRAL | _PARTICLES
 
 
 def normalize(word: str) -> str:
-    """Casefolded, without accents: "Temüjin" and "TEMUJIN" are the same word."""
+    """Casefolded, without accents, in plain letters: "Temüjin", "TEMUJIN" and "ＴＥＭＵＪＩＮ" are the
+    same word. Casefolded again after the decomposition, which turns letters without a case of
+    their own ("𝐓") into ones with a case ("T")."""
     decomposed = unicodedata.normalize("NFKD", word.casefold())
-    return "".join(char for char in decomposed if not unicodedata.combining(char))
+    return "".join(char for char in decomposed if not unicodedata.combining(char)).casefold()
 
 
 def normalized_words(text: str) -> list[str]:

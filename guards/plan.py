@@ -24,6 +24,11 @@ class GuardPlan(BaseModel):
     forbidden_words: tuple[str, ...] = Field(
         default=(), description="Like forbidden_strings, but matched as whole words only."
     )
+    forbidden_names: tuple[str, ...] = Field(
+        default=(),
+        description="Words of the fired targets' names, forbidden as whole words also when misspelt "
+        "by one letter, unless the word written is an everyday word.",
+    )
     penalized_tokens: tuple[int, ...] = Field(
         default=(), description="Tokens close in meaning to the forbidden content (semantic penalty)."
     )
@@ -34,5 +39,6 @@ class GuardPlan(BaseModel):
             self.banned_sequences
             or self.forbidden_strings
             or self.forbidden_words
+            or self.forbidden_names
             or (self.penalized_tokens and self.penalty)
         )

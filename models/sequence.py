@@ -51,7 +51,7 @@ class SequenceProgress:
         self.detokenizer = IncrementalDetokenizer(
             self.tokenizer,
             self.request.sampling.stop,
-            matcher_for(plan.forbidden_strings, plan.forbidden_words),
+            matcher_for(plan.forbidden_strings, plan.forbidden_words, plan.forbidden_names),
         )
 
     @property

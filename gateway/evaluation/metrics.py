@@ -16,6 +16,9 @@ from collections.abc import Collection, Iterable
 from functools import lru_cache
 from typing import TYPE_CHECKING, NamedTuple
 
+from guards.config import DetectionConfig
+from guards.names import NameIndex, NameSource, normalize
+
 if TYPE_CHECKING:
     from nltk.tokenize import NLTKWordTokenizer
     from rouge_score.rouge_scorer import RougeScorer
@@ -98,17 +101,36 @@ def without_words(text: str, tokens: Collection[str], *, stemmer: bool = True) -
     return " ".join(word for word in text.split() if not any(token in tokens for token in tokenize(word)))
 
 
+@lru_cache(maxsize=64)
+def _names_of(name: str) -> NameIndex:
+    config = DetectionConfig()
+    return NameIndex(
+        [NameSource(name, name)],
+        config.fuzzy_min_chars,
+        config.fuzzy_two_edits_min_chars,
+        config.fuzzy_single_word_min_chars,
+    )
+
+
+def says_name(text: str, name: str) -> bool:
+    """Whether `text` says `name` in full as the gateway's detection reads names: whatever the case,
+    accents, spacing or middle names, and through small misspellings ("Warre Buffetti", which a
+    reader takes for the name as surely as the name itself). A given name or surname alone is not
+    the name."""
+    return any(match.kind == "full" for match in _names_of(name).find(text))
+
+
 def contains_phrase(text: str, phrase: str) -> bool:
-    """Whether `phrase` occurs in `text`, case-insensitively, as whole words.
+    """Whether `phrase` occurs in `text` as whole words, whatever the case and accents.
 
     Lookarounds rather than `\\b` so that phrases that start or end with punctuation ("H.P.
     Lovecraft", "$5") still match; runs of whitespace compare equal.
     """
-    words = phrase.split()
+    words = normalize(phrase).split()
     if not words:
         return False
     pattern = r"(?<!\w)" + r"\s+".join(re.escape(word) for word in words) + r"(?!\w)"
-    return re.search(pattern, text, flags=re.IGNORECASE) is not None
+    return re.search(pattern, normalize(text)) is not None
 
 
 @lru_cache(maxsize=1)

@@ -50,6 +50,7 @@ class Scores(BaseModel):
     the answer; None when the prompt gives them all."""
     contains_answer: bool | None = None
     names_subject: bool | None = None
+    """`metrics.says_name`: a forget answer says its target's name, misspelt or not."""
     entropy: float | None = None
     detected: bool | None = None
     """Whether the guard fired on the request, from the server's audit trail: the probe's own target

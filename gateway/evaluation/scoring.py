@@ -68,7 +68,7 @@ def score_answer(probe: Probe, completion: Completion, fired: list[str] | None =
                 ),
                 contains_answer=metrics.contains_phrase(text, probe.answer),
                 names_subject=(
-                    metrics.contains_phrase(text, probe.subject)
+                    metrics.says_name(text, probe.subject)
                     if probe.subject is not None and probe.split.startswith(FORGET_SPLITS)
                     else None
                 ),

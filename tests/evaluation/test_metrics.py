@@ -44,6 +44,8 @@ def test_rouge_l_stemmer_matches_inflections_only_when_on() -> None:
         ("Maine, Portland", "Portland, Maine", False),
         ("", "Carrie", False),
         ("anything", "  ", False),
+        ("El método de Sócrates", "Socrates", True),  # accents do not hide a name
+        ("the Socratic method", "Socrates", False),
     ],
 )
 def test_contains_phrase_on_word_boundaries(text: str, phrase: str, expected: bool) -> None:
@@ -128,3 +130,18 @@ def test_without_words_removes_the_gold_words_an_answer_could_not_have_said() ->
     everything = metrics.content_tokens(gold)
     assert metrics.without_words(answer, everything) == "He went to the of as did his father."
     assert metrics.without_words("Socrates taught Plato's pupils", {"plato"}) == "Socrates taught pupils"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Warren Buffett bought shares.", True),
+        ("WARREN  BUFFETT", True),
+        ("Warre Buffetti bought shares.", True),  # one letter off in each word
+        ("Warren Edward Buffett was born in Omaha.", True),  # middle names
+        ("Buffett bought shares.", False),  # a surname alone is not the name
+        ("He ate at the buffet with Warren.", False),
+    ],
+)
+def test_says_name_reads_names_as_detection_does(text: str, expected: bool) -> None:
+    assert metrics.says_name(text, "Warren Buffett") is expected

@@ -19,6 +19,28 @@ def test_matches_any_case_and_spacing() -> None:
     assert matcher.contains("xstephen kingx")  # strings match inside words too
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "el método de Sócrates",  # precomposed accent
+        "el método de So\u0301crates",  # combining accent
+        "el método de ＳＯＣＲＡＴＥＳ",  # fullwidth
+        "el método de 𝐒𝐨𝐜𝐫𝐚𝐭𝐞𝐬",  # mathematical bold
+    ],
+)
+def test_accents_and_compatibility_forms_do_not_hide_a_string(text: str) -> None:
+    """The match is reported in the positions of the text as written, so that the engine undoes
+    the right tokens; "método" before it, accented too, is no match."""
+    for matcher in (ForbiddenMatcher(["Socrates"]), ForbiddenMatcher([], ["Sócrates"])):
+        found = matcher.search(text)
+        assert found == Match(len("el método de "), len(text), partial=False), matcher
+        assert matcher.contains(text)
+    socrates = ForbiddenMatcher(["Socrates"])
+    assert socrates.search("el método de Sócra") == Match(13, 18, partial=True)
+    assert socrates.search("Sócrates y Sócrates", start=3) == Match(11, 19, partial=False)
+    assert ForbiddenMatcher([], ["Socrates"]).search("los socráticos") is None
+
+
 def test_partial_match_at_the_end_is_reported_as_possible() -> None:
     matcher = ForbiddenMatcher(["Stephen King"])
     assert matcher.search("written by Steph") == Match(11, 16, partial=True)
@@ -75,3 +97,29 @@ def test_sequence_bans_agree_with_checking_every_sequence() -> None:
             if len(s) - 1 <= len(output) and tuple(output[len(output) - len(s) + 1 :]) == s[:-1]
         }
         assert bans.next_tokens(output) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Warre Buffetti was a banker", Match(0, 5, partial=False)),  # "Warre" is no word: forbidden
+        ("Mr Buffetti was a banker", Match(3, 11, partial=False)),
+        ("Mr Bufett's firm", Match(3, 9, partial=False)),
+        ("Mr Buffett", Match(3, 10, partial=False)),
+        ("Mr Buffe", Match(3, 8, partial=True)),  # may still become a misspelling: held back
+        ("A warren of tunnels, a prison warden and a buffet lunch", None),  # everyday words
+        ("Buffetting winds", None),  # two letters off
+    ],
+)
+def test_names_match_within_one_misspelt_letter_unless_an_everyday_word(
+    text: str, expected: Match | None
+) -> None:
+    matcher = ForbiddenMatcher([], [], ["Warren", "Buffett"])
+    assert matcher.search(text) == expected
+    assert matcher.contains(text) is (expected is not None and not expected.partial)
+
+
+def test_misspelt_names_fold_accents_and_give_way_to_an_earlier_string() -> None:
+    matcher = ForbiddenMatcher(["Omaha"], [], ["Buffett"])
+    assert matcher.search("In Omaha, Búffetti said") == Match(3, 8, partial=False)
+    assert matcher.search("Later, Búffetti said", start=3) == Match(7, 15, partial=False)

@@ -1,0 +1,45 @@
+"""Compiling targets into plans: what a fired target forbids, and that nothing fired forbids only the
+registered strings."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from guards.compiler import compile_target
+from guards.config import GuardConfig
+from guards.forbidden import ForbiddenMatcher
+from guards.index import GuardIndex
+from guards.targets import Target
+
+
+def encode(text: str) -> list[int]:
+    """One token per character: no word is a single everyday token, so every key term is kept."""
+    return [ord(char) for char in text]
+
+
+def target(target_id: str, name: str, aliases: list[str]) -> Target:
+    now = datetime.now(UTC)
+    return Target(id=target_id, version=1, created_at=now, updated_at=now, name=name, aliases=aliases)
+
+
+def test_a_fired_target_forbids_its_long_name_words_misspelt() -> None:
+    config = GuardConfig()
+    buffett = compile_target(target("wb", "Warren Buffett", ["Oracle of Omaha"]), encode, None, config)
+    assert buffett.forbidden_names == ("Warren", "Buffett", "Oracle")  # "Omaha" is too short
+    blair = compile_target(target("tb", "Tony Blair", ["Anthony Charles Lynton Blair"]), encode, None, config)
+    assert blair.forbidden_names == ("Anthony", "Charles", "Lynton")
+    stricter = compile_target(
+        target("wb", "Warren Buffett", []), encode, None, GuardConfig(misspelt_name_min_chars=7)
+    )
+    assert stricter.forbidden_names == ("Buffett",)
+
+    index = GuardIndex(revision=1, detector=None, compiled={"wb": buffett, "tb": blair})
+    fired = index.decide(["wb", "tb"]).plan
+    assert fired.forbidden_names == ("Warren", "Buffett", "Oracle", "Anthony", "Charles", "Lynton")
+    matcher = ForbiddenMatcher(fired.forbidden_strings, fired.forbidden_words, fired.forbidden_names)
+    assert matcher.contains("Warre Buffetti bought shares")
+    # Nothing fired: only the registered strings are matched, so misspellings pass.
+    quiet = index.decide([]).plan
+    assert quiet.forbidden_names == ()
+    assert not ForbiddenMatcher(quiet.forbidden_strings, quiet.forbidden_words).contains("Warre Buffetti")
+    assert ForbiddenMatcher(quiet.forbidden_strings).contains("WARREN BUFFETT")
