@@ -17,7 +17,7 @@ level, how many of the gold answers' new content words the answers say when the 
 fired, against when it did not: what a longer forbidden-word list could still take away.
 
     python bench/forget_recall_floor.py --baseline eval-runs/baseline/results.json \
-        eval-runs/s1/guarded/results.json eval-runs/s1/refuse/results.json
+        eval-runs/guarded/results.json eval-runs/refuse/results.json
 """
 
 from __future__ import annotations
