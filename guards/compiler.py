@@ -63,9 +63,9 @@ def _common_word(term: str, encode: Encode) -> bool:
 
 
 def _name_words(strings: Sequence[str], min_chars: int) -> tuple[str, ...]:
-    """The long words of a target's names and aliases. Kept from saying the name, a model writes
-    it misspelt ("Warre Buffetti", "Sócrates" aside, which the matcher folds): words this long
-    are misspelt into words of no other meaning."""
+    """The long words of a target's names and aliases, which a fired request may not write
+    misspelt either: kept from the name, the model writes "Warre Buffetti". A word this long is
+    seldom one letter away from another word, and the matcher lets everyday words through."""
     words = (word.strip(".,'’") for string in strings for word in string.split())
     return tuple(dict.fromkeys(word for word in words if len(word) >= min_chars and word.isalpha()))
 
