@@ -3,13 +3,11 @@ registered strings."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 from guards.compiler import compile_target
 from guards.config import GuardConfig
 from guards.forbidden import ForbiddenMatcher
 from guards.index import GuardIndex
-from guards.targets import Target
+from tests.support.targets import target
 
 
 def encode(text: str) -> list[int]:
@@ -17,19 +15,18 @@ def encode(text: str) -> list[int]:
     return [ord(char) for char in text]
 
 
-def target(target_id: str, name: str, aliases: list[str]) -> Target:
-    now = datetime.now(UTC)
-    return Target(id=target_id, version=1, created_at=now, updated_at=now, name=name, aliases=aliases)
-
-
 def test_a_fired_target_forbids_its_long_name_words_misspelt() -> None:
     config = GuardConfig()
-    buffett = compile_target(target("wb", "Warren Buffett", ["Oracle of Omaha"]), encode, None, config)
+    buffett = compile_target(
+        target("wb", "Warren Buffett", aliases=["Oracle of Omaha"]), encode, None, config
+    )
     assert buffett.forbidden_names == ("Warren", "Buffett", "Oracle")  # "Omaha" is too short
-    blair = compile_target(target("tb", "Tony Blair", ["Anthony Charles Lynton Blair"]), encode, None, config)
+    blair = compile_target(
+        target("tb", "Tony Blair", aliases=["Anthony Charles Lynton Blair"]), encode, None, config
+    )
     assert blair.forbidden_names == ("Anthony", "Charles", "Lynton")
     stricter = compile_target(
-        target("wb", "Warren Buffett", []), encode, None, GuardConfig(misspelt_name_min_chars=7)
+        target("wb", "Warren Buffett"), encode, None, GuardConfig(misspelt_name_min_chars=7)
     )
     assert stricter.forbidden_names == ("Buffett",)
 

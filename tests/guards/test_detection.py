@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
-from datetime import UTC, datetime
 
 import numpy as np
 import pytest
@@ -15,9 +14,7 @@ from guards.config import DetectionConfig
 from guards.detection import Detection, Evidence, TargetDetector
 from guards.embedding import CachingEmbedder
 from guards.names import NameMatch, normalized_words
-from guards.targets import Target
-
-NOW = datetime(2026, 1, 1, tzinfo=UTC)
+from tests.support.targets import target
 
 
 class BagOfWords:
@@ -39,10 +36,6 @@ class BagOfWords:
                 )
             vectors[row] /= max(float(np.linalg.norm(vectors[row])), 1e-9)
         return vectors
-
-
-def target(target_id: str, name: str, **fields: object) -> Target:
-    return Target(id=target_id, name=name, version=1, created_at=NOW, updated_at=NOW, **fields)
 
 
 BLAIR = target(
