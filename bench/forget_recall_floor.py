@@ -25,8 +25,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from statistics import fmean
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -64,17 +65,12 @@ def forget_records(path: Path) -> list[ProbeResult]:
     ]
 
 
-def _mean(values: Iterable[float]) -> float:
-    values = list(values)
-    return sum(values) / len(values)
-
-
 def macro_by_level(records: Sequence[ProbeResult], score: Score) -> dict[str, float]:
     """Per level, the mean over targets of each target's mean score."""
     groups: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for record in records:
         groups[f"L{record.level}"][record.target or ""].append(score(record))
-    return {level: _mean(_mean(v) for v in targets.values()) for level, targets in sorted(groups.items())}
+    return {level: fmean(fmean(v) for v in targets.values()) for level, targets in sorted(groups.items())}
 
 
 def pooled_by_attack(records: Sequence[ProbeResult], score: Score) -> dict[str, float]:
@@ -82,7 +78,7 @@ def pooled_by_attack(records: Sequence[ProbeResult], score: Score) -> dict[str, 
     for record in records:
         if record.attack is not None:
             groups[record.attack].append(score(record))
-    return {attack: _mean(values) for attack, values in sorted(groups.items())}
+    return {attack: fmean(values) for attack, values in sorted(groups.items())}
 
 
 def _cell(value: float, baseline: float) -> str:
