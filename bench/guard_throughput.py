@@ -25,8 +25,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.serving_throughput import gateway_run, percentile
-from gateway.config import Settings
-from models.embedded import embedded_checkpoint
+from lethe.gateway.config import Settings
+from lethe.models.embedded import embedded_checkpoint
 from tests.support.server import start_server
 
 ADMIN = "bench-admin-key"
@@ -53,7 +53,7 @@ PROMPTS = [
 
 
 def _rwku_target(folder: Path) -> dict:
-    from gateway.evaluation.datasets import rwku_targets
+    from lethe.evaluation.datasets import rwku_targets
 
     found = next(t for t in rwku_targets(folder.resolve().parent.parent) if t.folder == folder.name)
     if found.name != TARGET["name"]:

@@ -24,8 +24,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gateway.config import Settings
-from models.embedded import embedded_checkpoint
+from lethe.gateway.config import Settings
+from lethe.models.embedded import embedded_checkpoint
 from tests.support.server import LiveServer, start_server
 
 QUESTIONS = [

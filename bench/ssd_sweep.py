@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 if TYPE_CHECKING:
-    from gateway.unlearning_eval import Measurement
+    from lethe.gateway.jobs.evaluation import Measurement
 
 
 def _setting(value: str) -> tuple[float, float]:
@@ -56,16 +56,16 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gateway.config import Settings
-    from gateway.evaluation.datasets import resolve_data_dir
-    from gateway.store import open_store
-    from gateway.unlearning_data import is_rwku_folder, resolve_targets, retain_corpus
-    from gateway.unlearning_eval import EvaluationOptions, build_plan, measure
-    from models.embedded import embedded_checkpoint
-    from models.unlearning.data import retain_texts, ssd_sequences
-    from models.unlearning.neighbours import NEIGHBOUR_ANSWER_TOKENS, neighbour_retain
-    from models.unlearning.spec import SSDParams
-    from models.unlearning.ssd import dampen, select_parameters, ssd_importances
+    from lethe.evaluation.datasets import resolve_data_dir
+    from lethe.gateway.config import Settings
+    from lethe.gateway.jobs.data import is_rwku_folder, resolve_targets, retain_corpus
+    from lethe.gateway.jobs.evaluation import EvaluationOptions, build_plan, measure
+    from lethe.gateway.store import open_store
+    from lethe.models.embedded import embedded_checkpoint
+    from lethe.models.unlearning.data import retain_texts, ssd_sequences
+    from lethe.models.unlearning.neighbours import NEIGHBOUR_ANSWER_TOKENS, neighbour_retain
+    from lethe.models.unlearning.spec import SSDParams
+    from lethe.models.unlearning.ssd import dampen, select_parameters, ssd_importances
 
     data = resolve_data_dir(args.data_dir)
     path = embedded_checkpoint(Settings().home)

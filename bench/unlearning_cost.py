@@ -31,14 +31,14 @@ def measure_one(method: str, docs: int, retain: int, max_length: int, threads: i
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gateway.config import Settings
-    from gateway.store import open_store
-    from gateway.unlearning_data import default_data_dir, is_rwku_folder, resolve_targets, retain_corpus
-    from models.embedded import embedded_checkpoint
-    from models.unlearning.data import flat_pairs, ssd_sequences
-    from models.unlearning.flat import run_flat
-    from models.unlearning.spec import FLATParams, SSDParams
-    from models.unlearning.ssd import run_ssd
+    from lethe.gateway.config import Settings
+    from lethe.gateway.jobs.data import default_data_dir, is_rwku_folder, resolve_targets, retain_corpus
+    from lethe.gateway.store import open_store
+    from lethe.models.embedded import embedded_checkpoint
+    from lethe.models.unlearning.data import flat_pairs, ssd_sequences
+    from lethe.models.unlearning.flat import run_flat
+    from lethe.models.unlearning.spec import FLATParams, SSDParams
+    from lethe.models.unlearning.ssd import run_ssd
 
     torch.set_num_threads(threads)
     data = default_data_dir()  # where `lethe unlearn` reads it: $LETHE_EVAL_DATA

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from models.unlearning.data import (
+from lethe.models.unlearning.data import (
     FlatPair,
     ForgetSet,
     LabelledSequence,
@@ -37,10 +37,10 @@ from models.unlearning.data import (
     flat_pairs,
     ssd_sequences,
 )
-from models.unlearning.flat import run_flat
-from models.unlearning.generation import greedy_answers
-from models.unlearning.spec import FLATParams, SSDParams
-from models.unlearning.ssd import run_ssd, select_parameters
+from lethe.models.unlearning.flat import run_flat
+from lethe.models.unlearning.generation import greedy_answers
+from lethe.models.unlearning.spec import FLATParams, SSDParams
+from lethe.models.unlearning.ssd import run_ssd, select_parameters
 
 T = TypeVar("T")
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gateway.unlearning_data import default_data_dir
-from gateway.unlearning_eval import BeforeAfter, Evaluation, Snapshot, mean_snapshot
-from models.checkpoints import CheckpointManifest, CheckpointStore
+from lethe.gateway.jobs.data import default_data_dir
+from lethe.gateway.jobs.evaluation import BeforeAfter, Evaluation, Snapshot, mean_snapshot
+from lethe.models.checkpoints import CheckpointManifest, CheckpointStore
 
 FORGET_CUT = 0.5  # forget recall at most half its baseline
 NEIGHBOUR_KEPT = 0.9  # neighbour recall at least 90% of its baseline
@@ -35,7 +35,7 @@ def run_missing(method: str, target: Path, out: Path, extra: Sequence[str]) -> C
     store = CheckpointStore(out / method / target.name)
     done = store.list()
     if not done:
-        command = [sys.executable, "-m", "gateway.cli", "unlearn", method, "--target", str(target)]
+        command = [sys.executable, "-m", "lethe.gateway.cli.main", "unlearn", method, "--target", str(target)]
         # The job's own summary goes to stderr with its progress: stdout is the table.
         subprocess.run([*command, "--out", str(store.root), *extra], check=True, stdout=sys.stderr)
         done = store.list()

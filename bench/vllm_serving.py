@@ -29,9 +29,9 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.serving_throughput import QUESTIONS, gateway_run, percentile
-from gateway.config import Settings
-from models.embedded import embedded_checkpoint
-from models.vllm_engine import prepare_environment
+from lethe.gateway.config import Settings
+from lethe.models.embedded import embedded_checkpoint
+from lethe.models.engines.vllm_engine import prepare_environment
 from tests.support.server import LiveServer, free_port, start_server, wait_healthy
 
 ADMIN_KEY = "bench-admin-key"

@@ -8,7 +8,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from guards.config import DetectionConfig, GuardConfig
+from lethe.guards.config import DetectionConfig, GuardConfig
+from lethe.models.loading import EngineConfig
 
 
 class Settings(BaseSettings):
@@ -131,3 +132,6 @@ class Settings(BaseSettings):
 
     def api_key_set(self) -> frozenset[str]:
         return frozenset(key.strip() for key in self.api_keys.split(",") if key.strip())
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig.model_validate(self.model_dump(include=set(EngineConfig.model_fields)))

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
-from guards.targets import Target
+from lethe.guards.targets import Target
 
 AnchorKind = Literal["name", "description", "content"]
 """`name`: the name and aliases; `description`: sentences saying who or what the target is;

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from guards.config import GuardConfig
-from guards.forbidden import banned_token_sequences, spelling_variants
-from guards.key_terms import key_terms
-from guards.plan import GuardPlan
-from guards.targets import Policy, Target
+from lethe.guards.config import GuardConfig
+from lethe.guards.forbidden import banned_token_sequences, spelling_variants
+from lethe.guards.key_terms import key_terms
+from lethe.guards.plan import GuardPlan
+from lethe.guards.targets import Policy, Target
 
 Encode = Callable[[str], list[int]]
 

@@ -3,12 +3,12 @@
 Three kinds of evidence, from strongest to weakest:
 
 * **name** — the target's name or an alias (also the fuller names its documents open with),
-  matched through case, punctuation, spacing and small misspellings (`guards.names`). A given
+  matched through case, punctuation, spacing and small misspellings (`lethe.guards.names`). A given
   name or surname alone ("Blair", "Leonardo") is a *partial* match, which also appears in texts
   about relatives and namesakes, so it fires only when the text, with that name masked, is still
   close to what is said about the target (`partial_threshold`).
 * **classifier** — for targets registered with enough example prompts, a logistic regression on
-  sentence embeddings trained from those examples against neutral prompts (`guards.classifier`).
+  sentence embeddings trained from those examples against neutral prompts (`lethe.guards.classifier`).
 * **embedding** — cosine similarity between the sentences of the text and the target's anchors
   in a faiss index. Closeness to who the target is (name, aliases, description) and closeness to
   what is known about it (document sentences, examples) have separate thresholds, both high:
@@ -39,12 +39,12 @@ import faiss
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from guards.anchors import AnchorKind, lead_names, query_chunks, tail_window, target_anchors
-from guards.classifier import NEUTRAL_PROMPTS, LinearHead, probabilities, train_head
-from guards.config import DetectionConfig
-from guards.embedding import Embedder
-from guards.names import NameIndex, NameMatch, NameSource
-from guards.targets import Target
+from lethe.guards.anchors import AnchorKind, lead_names, query_chunks, tail_window, target_anchors
+from lethe.guards.classifier import NEUTRAL_PROMPTS, LinearHead, probabilities, train_head
+from lethe.guards.config import DetectionConfig
+from lethe.guards.embedding import Embedder
+from lethe.guards.names import NameIndex, NameMatch, NameSource
+from lethe.guards.targets import Target
 
 Reason = Literal["name", "embedding", "classifier"]
 

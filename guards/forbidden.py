@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import regex
 
-from guards.names import common_words, normalize
+from lethe.guards.names import common_words, normalize
 
 Encode = Callable[[str], list[int]]
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Protocol
 
-from guards.compiler import CompiledTarget, Vocabulary, compile_target, plan_for
-from guards.config import GuardConfig
-from guards.plan import GuardPlan
-from guards.targets import Target
+from lethe.guards.compiler import CompiledTarget, Vocabulary, compile_target, plan_for
+from lethe.guards.config import GuardConfig
+from lethe.guards.plan import GuardPlan
+from lethe.guards.targets import Target
 
 
 class Fired(Protocol):

@@ -16,7 +16,7 @@ from typing import Literal, Protocol
 
 import torch
 
-from guards.plan import GuardPlan
+from lethe.guards.plan import GuardPlan
 
 FinishReason = Literal["stop", "length"]
 

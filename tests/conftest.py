@@ -16,7 +16,7 @@ from tests.support.tiny_model import build_tiny_model
 @pytest.fixture(scope="session")
 def embedded_model_dir() -> Path:
     """The real embedded SmolLM2 checkpoint (converted from the packaged GGUF on first use)."""
-    from models.embedded import embedded_checkpoint
+    from lethe.models.embedded import embedded_checkpoint
 
     return embedded_checkpoint(TEST_HOME)
 

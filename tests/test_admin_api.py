@@ -14,10 +14,10 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from gateway.app import create_app
-from gateway.config import Settings
-from gateway.store import AuditRecord
-from models.hf_engine import TransformersEngine
+from lethe.gateway.api.app import create_app
+from lethe.gateway.config import Settings
+from lethe.gateway.store import AuditRecord
+from lethe.models.engines.hf_engine import TransformersEngine
 from tests.support.server import LiveServer, start_server
 
 ADMIN_KEY = "admin-secret"
@@ -250,27 +250,29 @@ def test_a_key_is_generated_once_when_none_is_configured(
         assert again.state.admin_key == key
 
 
-def test_every_write_awaits_the_change_callbacks(app: FastAPI) -> None:
-    calls: list[str] = []
+def test_every_write_awaits_the_store_watcher(app: FastAPI) -> None:
+    """Before a write's response leaves, every listener of the watcher has seen the write's revision
+    (the guard index is rebuilt by then); a refused write changes nothing."""
+    seen: list[int] = []
 
-    async def rebuild() -> None:
-        calls.append("rebuild")
+    async def listener(revision: int) -> None:
+        seen.append(revision)
 
-    async def publish() -> None:
-        calls.append("publish")
+    def in_force() -> bool:
+        return seen[-1] == app.state.store.revision()
 
-    app.state.on_targets_changed.extend([rebuild, publish])
     with TestClient(app, headers=ADMIN) as client:
+        app.state.watcher.on_targets(listener)
         target = register(client)
+        assert in_force()
         client.patch(f"/admin/targets/{target['id']}", json={"enabled": False})
-        assert calls == ["rebuild", "publish"] * 2
-        client.get("/admin/targets")
-        client.get(f"/admin/targets/{target['id']}")
+        assert in_force()
+        revision = app.state.store.revision()
         client.post("/admin/targets", json={"name": "harry potter"})  # refused: nothing changed
         client.delete("/admin/targets/tgt_nope")
-        assert len(calls) == 4
+        assert app.state.store.revision() == revision
         client.delete(f"/admin/targets/{target['id']}")
-        assert len(calls) == 6
+        assert in_force() and app.state.store.revision() > revision
 
 
 def test_audit_trail_over_http(client: TestClient, app: FastAPI) -> None:

@@ -8,12 +8,15 @@ import sys
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from gateway.config import Settings
+from lethe.gateway.config import Settings
 
 
 def test_serve_help_documents_configuration() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "serve", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "lethe.gateway.cli.main", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     for flag in ("--host", "--port", "--model", "--engine"):
         assert flag in result.stdout

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from guards.forbidden import ForbiddenMatcher
-from models.detokenizer import IncrementalDetokenizer
+from lethe.guards.forbidden import ForbiddenMatcher
+from lethe.models.decoding.detokenizer import IncrementalDetokenizer
 
 
 @pytest.fixture(scope="module")

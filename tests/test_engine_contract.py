@@ -19,9 +19,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from guards.plan import GuardPlan
-from models.engine import Engine, GenerationOutput, GenerationRequest, SamplingParams
-from models.hf_engine import TransformersEngine
+from lethe.guards.plan import GuardPlan
+from lethe.models.engine import Engine, GenerationOutput, GenerationRequest, SamplingParams
+from lethe.models.engines.hf_engine import TransformersEngine
 from tests.support.engines import require_vllm
 
 T = TypeVar("T")
@@ -41,7 +41,7 @@ def build(kind: str, path: Path) -> Engine:
     if kind == "hf":
         return TransformersEngine(path, max_batch_size=8)
     require_vllm()
-    from models.vllm_engine import VLLMEngine
+    from lethe.models.engines.vllm_engine import VLLMEngine
 
     return VLLMEngine(path, max_batch_size=8)
 

@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gateway.guarding import CHECK_EVERY_CHARS, GuardTally, guarded_stream
-from guards.compiler import compile_target
-from guards.config import GuardConfig
-from guards.index import GuardIndex
-from guards.targets import Target
-from models.engine import GenerationRequest, SamplingParams
-from models.hf_engine import TransformersEngine
+from lethe.gateway.runtime.guarded_generation import CHECK_EVERY_CHARS, GuardTally, guarded_stream
+from lethe.guards.compiler import compile_target
+from lethe.guards.config import GuardConfig
+from lethe.guards.index import GuardIndex
+from lethe.guards.targets import Target
+from lethe.models.engine import GenerationRequest, SamplingParams
+from lethe.models.engines.hf_engine import TransformersEngine
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import Settings
-from gateway.store import (
+from lethe.gateway.config import Settings
+from lethe.gateway.store import (
     AuditRecord,
     DuplicateTargetName,
     InvalidCursor,
@@ -22,7 +22,7 @@ from gateway.store import (
     VersionMismatch,
     open_store,
 )
-from guards.targets import TargetPatch, TargetSpec
+from lethe.guards.targets import TargetPatch, TargetSpec
 from tests.support.paths import REPO
 
 
@@ -172,8 +172,8 @@ def test_a_crash_in_the_middle_of_a_write_leaves_the_previous_state(store: SQLit
         f"""
         import os
         from pathlib import Path
-        from gateway.store import SQLiteStore
-        from guards.targets import TargetPatch
+        from lethe.gateway.store import SQLiteStore
+        from lethe.guards.targets import TargetPatch
 
         store = SQLiteStore(Path({str(path)!r}))
         store._insert_audit = lambda *args: os._exit(3)

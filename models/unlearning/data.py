@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, Field
 from transformers import PreTrainedTokenizerBase
 
-from models.unlearning.spec import SSDParams
+from lethe.models.unlearning.spec import SSDParams
 
 QUESTION_TEMPLATES = (
     "Tell me about {name}.",
@@ -84,7 +84,7 @@ class FlatPair:
 @dataclass(frozen=True)
 class NeighbourCheck:
     """A held-out neighbour question with the model's own answer from before training and a
-    template answer (`models.unlearning.neighbours.neighbour_checks`)."""
+    template answer (`lethe.models.unlearning.neighbours.neighbour_checks`)."""
 
     own: LabelledSequence
     template: LabelledSequence
@@ -178,7 +178,7 @@ def ssd_sequences(
 ) -> tuple[list[list[LabelledSequence]], list[list[LabelledSequence]]]:
     """SSD's data as its hyperparameters ask: the forget sequences of each target, and the retain
     sequences of each retain set: a sample of the general `retain` corpus, then all of the
-    `neighbours` texts (`models.unlearning.neighbours`) when there are any."""
+    `neighbours` texts (`lethe.models.unlearning.neighbours`) when there are any."""
     chosen = forget_sequences(
         tokenizer, sets, max_length=params.max_length, limit=params.forget_samples, seed=params.seed
     )

@@ -16,8 +16,8 @@ from contextlib import contextmanager
 
 import torch
 
-from models.unlearning.data import LabelledSequence, mean_answer_nll
-from models.unlearning.progress import StepCallback, no_progress
+from lethe.models.unlearning.data import LabelledSequence, mean_answer_nll
+from lethe.models.unlearning.progress import StepCallback, no_progress
 
 
 @contextmanager

@@ -4,7 +4,7 @@ Each step takes a batch of forget pairs (one prompt with its forget answer and a
 and minimises `divergences.flat_loss` between the mean token probabilities of the two answers;
 as in the paper, no retain data is used by default. Extension: with `neighbours`, each step also
 takes a batch of the model's own descriptions of the target's neighbours
-(`models.unlearning.neighbours`) and adds `retain_weight` times their language-modelling loss,
+(`lethe.models.unlearning.neighbours`) and adds `retain_weight` times their language-modelling loss,
 because forget-only training teaches "I don't know" to every question shaped like the forget
 prompts, the neighbours' included. With `keep_neighbours`, training stops when that spread shows on
 held-out neighbour questions (`NeighbourGuard`), instead of after a step count tuned on the
@@ -23,16 +23,16 @@ from collections.abc import Sequence
 import torch
 from pydantic import BaseModel
 
-from models.unlearning.data import (
+from lethe.models.unlearning.data import (
     FlatPair,
     LabelledSequence,
     NeighbourCheck,
     answer_log_probs,
     mean_answer_nll,
 )
-from models.unlearning.divergences import flat_loss
-from models.unlearning.progress import StepCallback, no_progress
-from models.unlearning.spec import FLATParams
+from lethe.models.unlearning.divergences import flat_loss
+from lethe.models.unlearning.progress import StepCallback, no_progress
+from lethe.models.unlearning.spec import FLATParams
 
 
 class FLATReport(BaseModel):

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from models.unlearning.data import chat_prompt, model_device
-from models.unlearning.progress import StepCallback, no_progress
+from lethe.models.unlearning.data import chat_prompt, model_device
+from lethe.models.unlearning.progress import StepCallback, no_progress
 
 
 @torch.no_grad()

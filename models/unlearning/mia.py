@@ -21,8 +21,8 @@ import torch
 from pydantic import BaseModel
 from transformers import PreTrainedTokenizerBase
 
-from models.unlearning.data import model_device
-from models.unlearning.progress import StepCallback, no_progress
+from lethe.models.unlearning.data import model_device
+from lethe.models.unlearning.progress import StepCallback, no_progress
 
 MIA_SCORES = ("loss", "zlib", "mink++")
 

@@ -24,8 +24,8 @@ from collections.abc import Sequence
 import regex
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from guards.key_terms import proper_phrases
-from models.unlearning.data import (
+from lethe.guards.key_terms import proper_phrases
+from lethe.models.unlearning.data import (
     FALLBACK_TEMPLATE_ANSWERS,
     QUESTION_TEMPLATES,
     ForgetSet,
@@ -35,8 +35,8 @@ from models.unlearning.data import (
     answer_ids,
     chat_prompt,
 )
-from models.unlearning.generation import greedy_answers
-from models.unlearning.progress import StepCallback, no_progress
+from lethe.models.unlearning.generation import greedy_answers
+from lethe.models.unlearning.progress import StepCallback, no_progress
 
 NEIGHBOUR_ANSWER_TOKENS = 96
 """Long enough for a few facts, short enough that a greedy answer has not started repeating itself."""

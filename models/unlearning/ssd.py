@@ -15,10 +15,10 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 import torch
 from pydantic import BaseModel
 
-from models.unlearning.data import LabelledSequence
-from models.unlearning.fisher import diagonal_fisher
-from models.unlearning.progress import StepCallback, no_progress, sub_step
-from models.unlearning.spec import SSDParams
+from lethe.models.unlearning.data import LabelledSequence
+from lethe.models.unlearning.fisher import diagonal_fisher
+from lethe.models.unlearning.progress import StepCallback, no_progress, sub_step
+from lethe.models.unlearning.spec import SSDParams
 
 
 class SSDReport(BaseModel):

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from gateway.evaluation import cli
-from gateway.evaluation.records import EvalResults
+from lethe.evaluation import cli
+from lethe.evaluation.records import EvalResults
 from tests.evaluation.synthetic_data import write_eval_data
 
 pytestmark = pytest.mark.e2e

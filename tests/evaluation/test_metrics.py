@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from gateway.evaluation import metrics
+from lethe.evaluation import metrics
 
 
 def test_rouge_l_recall_and_f1_of_a_partial_answer() -> None:

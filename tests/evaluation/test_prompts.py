@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.evaluation import datasets, prompts, suites
+from lethe.evaluation import datasets, prompts, suites
 from tests.evaluation.synthetic_data import write_eval_data
 
 SHARED_EVAL = Path(__file__).resolve().parents[3] / "shared" / "eval"

@@ -20,9 +20,9 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from gateway.evaluation import cli, suites
-from gateway.evaluation.datasets import rwku_targets
-from gateway.evaluation.records import EvalResults, Probe
+from lethe.evaluation import cli, suites
+from lethe.evaluation.datasets import rwku_targets
+from lethe.evaluation.records import EvalResults, Probe
 from tests.evaluation.synthetic_data import write_eval_data
 
 ADMIN_KEY = "admin-secret"

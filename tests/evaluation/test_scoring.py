@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.evaluation.client import Completion
-from gateway.evaluation.records import EvalResults, Probe, ProbeResult, RunInfo
-from gateway.evaluation.report import render_markdown
-from gateway.evaluation.scoring import answered_by_subject, rescore, score_answer, summarise
+from lethe.evaluation.client import Completion
+from lethe.evaluation.records import EvalResults, Probe, ProbeResult, RunInfo
+from lethe.evaluation.report import render_markdown
+from lethe.evaluation.scoring import answered_by_subject, rescore, score_answer, summarise
 
 
 def _probe(index: int, target: str, split: str, answer: str | None = "Carrie", **extra: object) -> Probe:

@@ -3,10 +3,10 @@ registered strings."""
 
 from __future__ import annotations
 
-from guards.compiler import compile_target
-from guards.config import GuardConfig
-from guards.forbidden import ForbiddenMatcher
-from guards.index import GuardIndex
+from lethe.guards.compiler import compile_target
+from lethe.guards.config import GuardConfig
+from lethe.guards.forbidden import ForbiddenMatcher
+from lethe.guards.index import GuardIndex
 from tests.support.targets import target
 
 

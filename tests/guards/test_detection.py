@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from guards.config import DetectionConfig
-from guards.detection import Detection, Evidence, TargetDetector
-from guards.embedding import CachingEmbedder
-from guards.names import NameMatch, normalized_words
+from lethe.guards.config import DetectionConfig
+from lethe.guards.detection import Detection, Evidence, TargetDetector
+from lethe.guards.embedding import CachingEmbedder
+from lethe.guards.names import NameMatch, normalized_words
 from tests.support.targets import target
 
 
@@ -239,7 +239,7 @@ ALGORITHM = "Her notes on the engine include the first algorithm intended to be 
 @pytest.fixture(scope="module")
 def minilm_detector() -> TargetDetector:
     """The embedded model on hand-written targets and prompts (none from the evaluation data)."""
-    from guards.embedding import default_embedder
+    from lethe.guards.embedding import default_embedder
 
     return TargetDetector.build([LOVELACE, CURIE_IN_FULL], default_embedder())
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from guards.enforcement import SequenceBans
-from guards.forbidden import ForbiddenMatcher, Match, banned_token_sequences
+from lethe.guards.enforcement import SequenceBans
+from lethe.guards.forbidden import ForbiddenMatcher, Match, banned_token_sequences
 
 
 def test_matches_any_case_and_spacing() -> None:

@@ -1,4 +1,4 @@
-from guards.key_terms import key_terms
+from lethe.guards.key_terms import key_terms
 
 DOCS = [
     "Carrie was published in 1974. In Maine, King wrote Carrie and The Shining.",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from guards.names import NameIndex, NameSource, normalized_words, partial_names
+from lethe.guards.names import NameIndex, NameSource, normalized_words, partial_names
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gateway.app import create_app
-from gateway.config import Settings
-from models.checkpoints import CheckpointManifest, CheckpointStore, new_checkpoint_id, weights_hash
-from models.hf_engine import TransformersEngine
+from lethe.gateway.api.app import create_app
+from lethe.gateway.config import Settings
+from lethe.models.checkpoints import CheckpointManifest, CheckpointStore, new_checkpoint_id, weights_hash
+from lethe.models.engines.hf_engine import TransformersEngine
 from tests.support.paths import TEST_HOME
 from tests.support.tiny_model import build_tiny_model
 

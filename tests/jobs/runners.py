@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.unlearning import run_unlearning
-from gateway.unlearning_eval import EvaluationOptions
+from lethe.gateway.jobs.evaluation import EvaluationOptions
+from lethe.gateway.jobs.runner import run_unlearning
 
 
 def without_evaluation(spec: Any, **kwargs: Any) -> Any:

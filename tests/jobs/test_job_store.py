@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.store import (
+from lethe.gateway.store import (
     LOG_TAIL_LINES,
     JobFinished,
     JobNotFound,
@@ -54,7 +54,7 @@ def test_concurrent_workers_in_separate_processes_never_share_a_job(tmp_path: Pa
         f"""
         import json, sys
         from pathlib import Path
-        from gateway.store import SQLiteStore
+        from lethe.gateway.store import SQLiteStore
         store = SQLiteStore(Path({str(path)!r}))
         got = []
         while (job := store.claim_job(sys.argv[1])) is not None:

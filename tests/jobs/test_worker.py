@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from gateway.config import Settings
-from gateway.store import Job, SQLiteStore
-from gateway.worker import Worker
-from guards.targets import TargetSpec
-from models.checkpoints import CheckpointStore
-from models.unlearning.progress import UnlearnCancelled
+from lethe.gateway.config import Settings
+from lethe.gateway.jobs.worker import Worker
+from lethe.gateway.store import Job, SQLiteStore
+from lethe.guards.targets import TargetSpec
+from lethe.models.checkpoints import CheckpointStore
+from lethe.models.unlearning.progress import UnlearnCancelled
 from tests.jobs.conftest import HARRY, QUICK_FLAT
 
 SPEC = {"method": "flat", "targets": ["Harry Potter"], "params": QUICK_FLAT, "from_checkpoint": None}

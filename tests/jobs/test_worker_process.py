@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.store import SQLiteStore
-from guards.targets import TargetSpec
-from models.checkpoints import CheckpointStore
+from lethe.gateway.store import SQLiteStore
+from lethe.guards.targets import TargetSpec
+from lethe.models.checkpoints import CheckpointStore
 from tests.jobs.conftest import ADMIN, ADMIN_KEY, HARRY, QUICK_FLAT
 from tests.support.paths import REPO
 from tests.support.processes import alive, children
@@ -50,7 +50,7 @@ def start_worker(home: Path, model: Path, log: Path, **env: str) -> subprocess.P
     }
     with open(log, "ab") as sink:
         return subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "worker"],
+            [sys.executable, "-m", "lethe.gateway.cli.main", "worker"],
             cwd=REPO,
             env=environment,
             stdout=sink,

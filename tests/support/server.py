@@ -59,7 +59,16 @@ def start_server(model: Path, home: Path, log: Path, api_key: str = "test-key", 
     }
     with open(log, "wb") as sink:
         process = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), "--model", str(model)],
+            [
+                sys.executable,
+                "-m",
+                "lethe.gateway.cli.main",
+                "serve",
+                "--port",
+                str(port),
+                "--model",
+                str(model),
+            ],
             env=environment,
             stdout=sink,
             stderr=subprocess.STDOUT,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from guards.targets import Target
+from lethe.guards.targets import Target
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 

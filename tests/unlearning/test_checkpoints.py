@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from models.checkpoints import MANIFEST, CheckpointManifest, CheckpointStore, weights_hash
+from lethe.models.checkpoints import MANIFEST, CheckpointManifest, CheckpointStore, weights_hash
 
 
 def _manifest(checkpoint_id: str = "ckpt-a") -> CheckpointManifest:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from models.unlearning.divergences import flat_loss
+from lethe.models.unlearning.divergences import flat_loss
 
 
 def _softplus(x: float) -> float:

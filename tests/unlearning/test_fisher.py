@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import torch
 
-from models.unlearning.data import LabelledSequence
-from models.unlearning.fisher import diagonal_fisher
+from lethe.models.unlearning.data import LabelledSequence
+from lethe.models.unlearning.fisher import diagonal_fisher
 
 
 class BiasOnlyLM(torch.nn.Module):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from models.unlearning.data import (
+from lethe.models.unlearning.data import (
     IGNORE_INDEX,
     ForgetSet,
     NeighbourCheck,
@@ -18,11 +18,11 @@ from models.unlearning.data import (
     mean_answer_nll,
     retain_sequences,
 )
-from models.unlearning.divergences import flat_loss
-from models.unlearning.flat import answer_probabilities, neighbour_preference, run_flat
-from models.unlearning.generation import greedy_answers
-from models.unlearning.neighbours import CHECK_ANSWER_TOKENS, NeighbourItem, neighbour_checks
-from models.unlearning.spec import FLATParams
+from lethe.models.unlearning.divergences import flat_loss
+from lethe.models.unlearning.flat import answer_probabilities, neighbour_preference, run_flat
+from lethe.models.unlearning.generation import greedy_answers
+from lethe.models.unlearning.neighbours import CHECK_ANSWER_TOKENS, NeighbourItem, neighbour_checks
+from lethe.models.unlearning.spec import FLATParams
 
 FORGET = ForgetSet(
     name="Ada Lovelace",

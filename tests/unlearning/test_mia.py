@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from models.unlearning.mia import auc, membership_scores, mia_aucs
+from lethe.models.unlearning.mia import auc, membership_scores, mia_aucs
 
 
 def test_auc_counts_wins_and_half_ties() -> None:

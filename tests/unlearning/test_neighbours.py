@@ -6,15 +6,21 @@ from __future__ import annotations
 import pytest
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from models.unlearning import neighbours as neighbours_module
-from models.unlearning.data import QUESTION_TEMPLATES, ForgetSet, RetainItem, retain_sequences, ssd_sequences
-from models.unlearning.neighbours import (
+from lethe.models.unlearning import neighbours as neighbours_module
+from lethe.models.unlearning.data import (
+    QUESTION_TEMPLATES,
+    ForgetSet,
+    RetainItem,
+    retain_sequences,
+    ssd_sequences,
+)
+from lethe.models.unlearning.neighbours import (
     NeighbourItem,
     neighbour_entities,
     neighbour_retain,
     without_target,
 )
-from models.unlearning.spec import SSDParams
+from lethe.models.unlearning.spec import SSDParams
 
 BUFFETT = ForgetSet(
     name="Warren Buffett",

@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 import pytest
 
 from bench.unlearning_per_target import mean_row, row
-from gateway.unlearning_eval import BeforeAfter, Evaluation, EvaluationOptions, Snapshot
-from models.checkpoints import CheckpointManifest
+from lethe.gateway.jobs.evaluation import BeforeAfter, Evaluation, EvaluationOptions, Snapshot
+from lethe.models.checkpoints import CheckpointManifest
 
 
 def _manifest(forget: tuple[float, float], neighbour: tuple[float, float]) -> CheckpointManifest:

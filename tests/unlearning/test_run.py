@@ -13,19 +13,19 @@ from pydantic import ValidationError
 from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gateway.cli import main
-from gateway.config import Settings
-from gateway.evaluation.metrics import ngram_entropy
-from gateway.evaluation.prompts import instruction_prompt
-from gateway.store import open_store
-from gateway.unlearn_progress import print_summary
-from gateway.unlearning import UnlearnCancelled, run_unlearning, validate_spec
-from gateway.unlearning_eval import EvaluationOptions
-from guards.targets import TargetSpec
-from models.checkpoints import CheckpointManifest, CheckpointStore, weights_hash
-from models.unlearning.data import texts_hash
-from models.unlearning.generation import greedy_answers
-from models.unlearning.spec import UnlearnSpec
+from lethe.evaluation.metrics import ngram_entropy
+from lethe.evaluation.prompts import instruction_prompt
+from lethe.gateway.cli.main import main
+from lethe.gateway.cli.progress import print_summary
+from lethe.gateway.config import Settings
+from lethe.gateway.jobs.evaluation import EvaluationOptions
+from lethe.gateway.jobs.runner import UnlearnCancelled, run_unlearning, validate_spec
+from lethe.gateway.store import open_store
+from lethe.guards.targets import TargetSpec
+from lethe.models.checkpoints import CheckpointManifest, CheckpointStore, weights_hash
+from lethe.models.unlearning.data import texts_hash
+from lethe.models.unlearning.generation import greedy_answers
+from lethe.models.unlearning.spec import UnlearnSpec
 from tests.evaluation.synthetic_data import INSTRUCTIONS, write_eval_data
 
 DOCUMENTS = [
@@ -273,7 +273,7 @@ def test_cli_rejects_an_unknown_divergence(capsys: pytest.CaptureFixture[str]) -
 def test_the_source_measurement_is_cached_per_weights_and_plan(
     settings: Settings, store, data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import gateway.unlearning as unlearning
+    import lethe.gateway.jobs.runner as unlearning
 
     calls: list[int] = []
     real_measure = unlearning.measure

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from models.unlearning.data import (
+from lethe.models.unlearning.data import (
     ForgetSet,
     LabelledSequence,
     RetainItem,
@@ -14,8 +14,8 @@ from models.unlearning.data import (
     forget_sequences,
     retain_sequences,
 )
-from models.unlearning.spec import DEFAULT_SSD_MODULES, SSDParams
-from models.unlearning.ssd import dampen, run_ssd, select_parameters, ssd_importances
+from lethe.models.unlearning.spec import DEFAULT_SSD_MODULES, SSDParams
+from lethe.models.unlearning.ssd import dampen, run_ssd, select_parameters, ssd_importances
 
 
 def test_dampening_touches_exactly_the_weights_the_rule_selects() -> None:

@@ -1,0 +1,103 @@
+"""`lethe serve`: start the gateway under uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+from types import FrameType
+
+from pydantic import BaseModel
+
+from lethe.gateway.config import Settings
+
+
+def _settings_help() -> str:
+    """Every setting with its default; a group of settings (detection, guard) one variable per knob."""
+    lines = ["configuration (environment variables; flags above override them):"]
+    for name, field in Settings.model_fields.items():
+        variable = f"LETHE_{name.upper()}"
+        group = field.annotation
+        if isinstance(group, type) and issubclass(group, BaseModel):
+            lines.append(f"  {variable + '__*':<30} {field.description}")
+            for inner, spec in group.model_fields.items():
+                knob = f"{variable}__{inner.upper()}"
+                lines.append(f"    {knob:<42} {spec.description} [default: {spec.default}]")
+        else:
+            default = field.default if field.default is not None else "unset"
+            lines.append(f"  {variable:<30} {field.description} [default: {default}]")
+    return "\n".join(lines)
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "serve",
+        help="start the OpenAI-compatible gateway",
+        description="Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models) "
+        "on a local model.",
+        epilog=_settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--host", help="address to listen on (LETHE_HOST)")
+    parser.add_argument("--port", type=int, help="port to listen on (LETHE_PORT)")
+    parser.add_argument(
+        "--model",
+        help="local Hugging Face causal-LM folder (LETHE_MODEL; default: embedded SmolLM2-135M-Instruct)",
+    )
+    parser.add_argument("--engine", choices=["hf", "vllm"], help="generation engine (LETHE_ENGINE)")
+    parser.add_argument(
+        "--worker",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also run a `lethe worker` child process for unlearning jobs (LETHE_WORKER; default: on)",
+    )
+    parser.set_defaults(run=run)
+
+
+class _Terminated(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminated(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated(signum)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    from lethe.gateway.api.app import create_app
+    from lethe.gateway.cli.worker import start_child, stop_child
+
+    overrides = {name: getattr(args, name) for name in ("host", "port", "model", "engine", "worker")}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    settings = Settings(**overrides)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it under the handler found before it
+    # started: this one, so that the worker child is stopped before this process goes.
+    signal.signal(signal.SIGTERM, _terminated)
+    worker = start_child(overrides) if settings.worker else None
+    received: int | None = None
+    try:
+        uvicorn.run(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            timeout_graceful_shutdown=10,
+        )
+    except _Terminated as terminated:
+        received = terminated.signum
+    finally:
+        if worker is not None:
+            stop_child(worker)
+    if received is not None:
+        signal.signal(received, signal.SIG_DFL)
+        signal.raise_signal(received)
+    return 0
