@@ -159,31 +159,28 @@ class LinearHead:
     bias: float
 
 
-def train_head(positives: np.ndarray, negatives: np.ndarray, l2: float, iterations: int = 25) -> LinearHead:
-    """Class-balanced, L2-regularised logistic regression fitted by Newton's method.
+def train_head(positives: np.ndarray, negatives: np.ndarray, l2: float) -> LinearHead:
+    """Class-balanced, L2-regularised logistic regression (scikit-learn's `LogisticRegression`).
 
     Balancing keeps ten examples from being outvoted by a hundred negatives; the L2 term keeps the
-    weights finite when the two sets are linearly separable, which in 384 dimensions they are.
+    weights finite when the two sets are linearly separable, which in 384 dimensions they are. The
+    objective is `sum_i balance_i * log_loss_i + l2 / 2 * |w|^2`, the intercept unpenalised:
+    scikit-learn's `C * sum_i balance_i * log_loss_i + |w|^2 / 2` with `C = 1 / l2`; its "newton-cg"
+    solver leaves the intercept out of the penalty. The weights agree with those of the hand-written
+    Newton solver this replaced to ~1e-7 (tests/guards/test_classifier.py). A fit takes ~20 ms for
+    384 dimensions and ~140 prompts here ("newton-cholesky": ~0.5 s on the same problems).
     """
+    # Imported here: scikit-learn takes seconds to import, and only compiling a target with examples
+    # needs it, not `import lethe.guards.detection`.
+    from sklearn.linear_model import LogisticRegression
+
     features = np.concatenate([positives, negatives]).astype(np.float64)
-    features = np.hstack([features, np.ones((len(features), 1))])
     labels = np.concatenate([np.ones(len(positives)), np.zeros(len(negatives))])
-    sample_weights = np.where(
-        labels == 1, len(labels) / (2 * len(positives)), len(labels) / (2 * len(negatives))
+    model = LogisticRegression(
+        C=1.0 / l2, class_weight="balanced", solver="newton-cg", tol=1e-8, max_iter=100
     )
-    penalty = np.full(features.shape[1], l2)
-    penalty[-1] = 0.0
-    beta = np.zeros(features.shape[1])
-    for _ in range(iterations):
-        probabilities = 1.0 / (1.0 + np.exp(-(features @ beta)))
-        gradient = features.T @ (sample_weights * (probabilities - labels)) + penalty * beta
-        curvature = sample_weights * probabilities * (1.0 - probabilities)
-        hessian = (features.T * curvature) @ features + np.diag(penalty) + 1e-9 * np.eye(len(beta))
-        step = np.linalg.solve(hessian, gradient)
-        beta -= step
-        if np.abs(step).max() < 1e-6:
-            break
-    return LinearHead(weights=beta[:-1].astype(np.float32), bias=float(beta[-1]))
+    model.fit(features, labels)
+    return LinearHead(weights=model.coef_[0].astype(np.float32), bias=float(model.intercept_[0]))
 
 
 def probabilities(features: np.ndarray, weights: np.ndarray, biases: np.ndarray) -> np.ndarray:
