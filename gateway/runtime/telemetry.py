@@ -3,14 +3,15 @@ unlearning jobs and the serving checkpoint."""
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from prometheus_fastapi_instrumentator.metrics import Info
+from prometheus_fastapi_instrumentator.middleware import PrometheusInstrumentatorMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lethe.models.engine import Engine
 
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_METRICS_PATH = "/metrics"
+_METRICS_PATH_PATTERN = "^/metrics$"
 
 
 class Metrics:
@@ -127,40 +130,50 @@ class _JobFailures(Collector):
 
 def route_of(scope: Scope) -> str:
     """The route template (`/v1/chat/completions`), never the raw path, to keep label cardinality
-    bounded. The router records the matched route in the scope it shares with us."""
+    bounded. FastAPI records the route it ran in the scope the middleware shares with it."""
     route = scope.get("route")
     return getattr(route, "path", "unmatched")
 
 
-class MetricsMiddleware:
-    """Pure ASGI middleware (no BaseHTTPMiddleware): it must not get in the way of streaming or of
-    the disconnect messages that cancel a generation."""
+class MetricsMiddleware(PrometheusInstrumentatorMiddleware):
+    """prometheus-fastapi-instrumentator's pure ASGI middleware (no BaseHTTPMiddleware, no body
+    buffering: it only watches `http.response.start` for the status, so streaming and the
+    disconnect messages that cancel a generation pass through untouched), feeding our metrics.
+
+    * `lethe_requests_total{route,status}` and `lethe_request_duration_seconds{route}`: one
+      instrumentation function per request, run when the app has sent the last byte (the library's
+      duration runs to the end of the response, streamed or not); exact status codes, not `2xx`.
+    * `lethe_requests_in_flight`: kept here, because the library's in-progress gauge always goes to
+      prometheus_client's global registry, and each app has its own (several apps in one process,
+      in tests, must not collide).
+    * `/metrics` itself is neither counted nor in flight, as before.
+    """
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
+        super().__init__(
+            app,
+            should_group_status_codes=False,
+            should_group_untemplated=True,
+            excluded_handlers=[_METRICS_PATH_PATTERN],
+            instrumentations=[self._observe],
+            registry=metrics.registry,
+        )
         self.metrics = metrics
 
+    def _observe(self, info: Info) -> None:
+        # The route FastAPI ran. The library's own `modified_handler` (matched against the route table
+        # before the request runs) agrees on every route (tests/test_metrics.py), but names unmatched
+        # paths `none`; this keeps their label `unmatched`.
+        route = route_of(info.request.scope)
+        self.metrics.requests.labels(route, info.modified_status).inc()
+        self.metrics.latency.labels(route).observe(info.modified_duration)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope["path"] == _METRICS_PATH:
+            await super().__call__(scope, receive, send)
             return
-        if scope["path"] == "/metrics":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
         self.metrics.in_flight.inc()
-
-        async def send_and_observe(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
         try:
-            await self.app(scope, receive, send_and_observe)
+            await super().__call__(scope, receive, send)
         finally:
             self.metrics.in_flight.dec()
-            route = route_of(scope)
-            self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
