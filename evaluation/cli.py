@@ -10,12 +10,17 @@ import argparse
 import os
 from pathlib import Path
 
-SUITE_CHOICES = ("rwku", "muse", "utility")
+SUITE_CHOICES = ("rwku", "muse", "utility", "authors")
+DEFAULT_SUITES = ("rwku", "muse", "utility")
+"""What a run without --suite, or with `all`, sends: `authors` needs a model taught the authors
+(`lethe teach --authors`), so it runs only when named."""
 DEFAULT_MAX_TOKENS = 32
 """RWKU, MUSE and TOFU answers are short; RWKU generates at most 30-32 tokens, MUSE 32."""
 DEFAULT_INSTRUCTION_MAX_TOKENS = 128
 """RWKU's fluency run allows 256 tokens; 128 halves the cost of the longest set on a CPU server and
 still gives n-gram entropy enough text to tell fluent from repetitive."""
+DEFAULT_AUTHOR_MAX_TOKENS = 96
+"""As `lethe.evaluation.suites.DEFAULT_AUTHOR_MAX_TOKENS` (not imported: this module stays light)."""
 DEFAULT_CONCURRENCY = 16
 """Matches the default batch of `lethe serve`, so one run keeps its continuous batch full."""
 
@@ -27,11 +32,11 @@ def _csv(value: str) -> list[str]:
 def _suites(value: str) -> list[str]:
     names = _csv(value)
     if "all" in names:
-        return list(SUITE_CHOICES)
+        names = [*DEFAULT_SUITES, *(n for n in names if n != "all")]
     unknown = [n for n in names if n not in SUITE_CHOICES]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
-            f"unknown suite {', '.join(unknown) or value!r}: use rwku, muse, utility or all"
+            f"unknown suite {', '.join(unknown) or value!r}: use rwku, muse, utility, authors or all"
         )
     return [s for s in SUITE_CHOICES if s in names]
 
@@ -100,7 +105,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     chosen = parser.add_argument_group("selection")
     chosen.add_argument(
-        "--suite", type=_suites, default=list(SUITE_CHOICES), help="rwku, muse, utility or all (comma list)"
+        "--suite",
+        type=_suites,
+        default=list(DEFAULT_SUITES),
+        help="rwku, muse, utility, authors or all (comma list; all = rwku,muse,utility; authors probes"
+        " the TOFU fictitious authors of <data>/tofu_authors, for a model taught them with"
+        " `lethe teach --authors`)",
     )
     chosen.add_argument(
         "--data-dir", default=None, help="evaluation data (default: $LETHE_EVAL_DATA, else ../shared/eval)"
@@ -111,6 +121,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     chosen.add_argument(
         "--levels", type=_levels, default=[1, 2, 3], help="RWKU levels, e.g. 1,2 (neighbours have 1-2)"
     )
+    chosen.add_argument(
+        "--forget-authors",
+        type=_csv,
+        default=None,
+        help="authors suite: comma list of name substrings of the forget authors to register and probe"
+        " (default: all)",
+    )
     chosen.add_argument("--sample", type=_positive, default=None, help="only the first N probes of each set")
     chosen.add_argument(
         "--max-tokens", type=_positive, default=DEFAULT_MAX_TOKENS, help="answer length for QA probes"
@@ -120,6 +137,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=_positive,
         default=DEFAULT_INSTRUCTION_MAX_TOKENS,
         help="answer length for instructions",
+    )
+    chosen.add_argument(
+        "--author-max-tokens",
+        type=_positive,
+        default=DEFAULT_AUTHOR_MAX_TOKENS,
+        help="answer length for the authors suite (TOFU answers are whole sentences)",
     )
     chosen.add_argument("--seed", type=int, default=0, help="sampling seed sent with every request")
 
@@ -154,6 +177,8 @@ def run(args: argparse.Namespace) -> int:
             suites=args.suite,
             data_dir=resolve_data_dir(args.data_dir),
             targets=args.targets,
+            forget_authors=args.forget_authors,
+            author_max_tokens=args.author_max_tokens,
             levels=args.levels,
             sample=args.sample,
             max_tokens=args.max_tokens,

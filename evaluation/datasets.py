@@ -136,3 +136,33 @@ def tofu_rows(data_dir: Path, name: str) -> list[QaRow]:
 
 def instruction_rows(data_dir: Path) -> list[InstructionRow]:
     return read_rows(data_dir / "general" / "instructions.json", InstructionRow)
+
+
+AUTHORS_FOLDER = "tofu_authors"
+AUTHOR_GROUPS = ("forget", "retain")
+"""`tofu_authors/<group>_authors.json`: the authors taught and then forgotten, and those kept."""
+
+
+class TofuAuthor(BaseModel):
+    name: str
+    qa: list[QaRow]
+
+
+def tofu_authors(data_dir: Path, group: str) -> list[TofuAuthor]:
+    """The fictitious authors of `group` (`forget` or `retain`), each with its question/answer pairs."""
+    return read_rows(data_dir / AUTHORS_FOLDER / f"{group}_authors.json", TofuAuthor)
+
+
+def select_authors(authors: list[TofuAuthor], patterns: list[str] | None) -> list[TofuAuthor]:
+    """Authors whose name contains any pattern (case-insensitive); all when no patterns. A pattern
+    that selects nobody is an error."""
+    if not patterns:
+        return authors
+    chosen = []
+    for pattern in patterns:
+        hits = [a for a in authors if pattern.strip().lower() in a.name.lower()]
+        if not hits:
+            known = ", ".join(a.name for a in authors)
+            raise DataError(f"--forget-authors {pattern!r} matches no forget author (known: {known})")
+        chosen.extend(a for a in hits if a not in chosen)
+    return sorted(chosen, key=authors.index)

@@ -133,6 +133,23 @@ def contains_phrase(text: str, phrase: str) -> bool:
     return re.search(pattern, normalize(text)) is not None
 
 
+FACT_SHARE = 0.5
+"""`states_fact`: the share of the gold's new content words an answer must say."""
+
+
+def states_fact(reference: str, prediction: str, prompt: str, *, stemmer: bool = True) -> bool:
+    """Whether `prediction` states the fact of a whole-sentence gold answer (TOFU's): it says at least
+    half (`FACT_SHARE`) of the gold's content words that the question does not give
+    (`new_word_recall`). "The father of Hsiao Yun-Hwa is a civil engineer", asked "What is the
+    profession of Hsiao Yun-Hwa's father?", needs "civil" or "engineer"; an answer that repeats the
+    question's words and names another profession does not count. When the question gives every
+    content word of the gold, ROUGE-L recall of at least `FACT_SHARE` counts instead."""
+    share = new_word_recall(reference, prediction, prompt, stemmer=stemmer)
+    if share is None:
+        share = rouge_l(reference, prediction, stemmer=stemmer).recall
+    return share >= FACT_SHARE
+
+
 @lru_cache(maxsize=1)
 def _word_tokenizer() -> NLTKWordTokenizer:
     from nltk.tokenize import NLTKWordTokenizer

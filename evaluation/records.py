@@ -10,8 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-Suite = Literal["rwku", "muse", "utility"]
-SUITES: tuple[Suite, ...] = ("rwku", "muse", "utility")
+Suite = Literal["rwku", "muse", "utility", "authors"]
+SUITES: tuple[Suite, ...] = ("rwku", "muse", "utility", "authors")
 
 RESULTS_FORMAT = 1
 
@@ -27,7 +27,8 @@ class Probe(BaseModel):
     split: str
     """The data set inside the suite, e.g. `forget_level3`, `knowmem_retain`, `instructions`."""
     target: str | None = None
-    """RWKU target folder (e.g. `1_Stephen_King`); None outside RWKU."""
+    """RWKU target folder (e.g. `1_Stephen_King`), or the author's name in the authors suite; None
+    elsewhere."""
     subject: str | None = None
     """The name whose knowledge is being forgotten, to count answers that still say it."""
     level: int | None = None
@@ -49,6 +50,8 @@ class Scores(BaseModel):
     """`metrics.new_word_recall`: the gold's content words that the prompt does not give, found in
     the answer; None when the prompt gives them all."""
     contains_answer: bool | None = None
+    """The answer states the gold fact: the gold as whole words (`metrics.contains_phrase`); in the
+    authors suite, whose golds are whole sentences, `metrics.states_fact`."""
     names_subject: bool | None = None
     """`metrics.says_name`: a forget answer says its target's name, misspelt or not."""
     entropy: float | None = None
@@ -107,6 +110,15 @@ class Summary(BaseModel):
     """RWKU targets the unguarded model barely knew; None when no baseline numbers were available."""
     muse_never_known: bool | None = None
     """Whether the unguarded model barely knew the MUSE forget set; None without baseline numbers."""
+    authors: dict[str, GroupScore] = {}
+    """Authors suite: split (`forget_unseen`, `forget_seen`, `forget_indirect`, `retain_unseen`,
+    `retain_seen`) -> score over all its probes. `forget_indirect` holds the forget questions, of
+    either half, that contain no word of the author's name (`scoring.is_indirect`)."""
+    author_scores: dict[str, dict[str, GroupScore]] = {}
+    """Author name -> split -> score."""
+    authors_relative: dict[str, float | None] = {}
+    """Split -> this run's ROUGE-L recall as a share of the baseline's on the same probes (with
+    --compare): the taught model's, when the baseline is the taught model unguarded."""
 
 
 class RegisteredTarget(BaseModel):
@@ -132,6 +144,10 @@ class RunInfo(BaseModel):
     registered: list[RegisteredTarget] = []
     policy: str | None = None
     """The registered targets' policy (steer or refuse)."""
+    authors: list[str] = []
+    """The forget authors of the authors suite (registered when registration is on)."""
+    author_max_tokens: int | None = None
+    """Answer length of the authors suite's probes (None: no authors suite)."""
     compare: str | None = None
     started_at: str
     wall_seconds: float

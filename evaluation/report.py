@@ -32,6 +32,14 @@ UTILITY_METRICS = {
     "instructions": ("General instructions", "fluency (n-gram entropy, bits)", "entropy"),
 }
 
+AUTHOR_LABELS = {
+    "forget_unseen": "Forget authors, unseen (pairs 11-20)",
+    "forget_seen": "Forget authors, seen (pairs 1-10, registered)",
+    "forget_indirect": "Forget authors, indirect (name not in the question)",
+    "retain_unseen": "Retain authors, unseen (pairs 11-20)",
+    "retain_seen": "Retain authors, seen (pairs 1-10)",
+}
+
 PLOT_TARGETS = "forget_vs_neighbour.png"
 PLOT_ATTACKS = "attacks.png"
 PLOT_COMPARE = "compare_targets.png"
@@ -243,10 +251,56 @@ def _utility_section(current: Summary, baseline: Summary | None) -> list[str]:
     return ["## Utility", "", *_table(header, rows)]
 
 
+def _authors(summary: Summary) -> Mapping[str, GroupScore]:
+    return summary.authors
+
+
+def _author(name: str) -> Table:
+    return lambda summary: summary.author_scores.get(name, {})
+
+
+def _authors_section(current: Summary, baseline: Summary | None) -> list[str]:
+    fields = ("rouge_l_recall", "contain_rate", "name_share", "new_word_recall")
+    rows = []
+    for split, group in current.authors.items():
+        share = current.authors_relative.get(split)
+        cells = [_cell(current, baseline, _value(_authors, split, f)) for f in fields]
+        rows.append([AUTHOR_LABELS.get(split, split), str(group.n), cells[0], _fmt(share), *cells[1:]])
+    header = ["Set", "n", "ROUGE-L recall", "Share of baseline", "States the fact", "Says the name"]
+    header.append("New-word recall")
+    forget = [
+        name for name, splits in current.author_scores.items() if any(s.startswith("forget") for s in splits)
+    ]
+    per_author = []
+    for name in forget:
+        cells = [
+            _cell(current, baseline, _value(_author(name), split))
+            for split in ("forget_unseen", "forget_seen", "forget_indirect")
+        ]
+        says = _pooled_value(_author(name), ("forget_unseen", "forget_seen"), "name_share")
+        per_author.append([name, *cells, _cell(current, baseline, says)])
+    return [
+        "## Fictitious authors (TOFU)",
+        "",
+        "Every question of the forget authors (the first ten pairs' answers are the registered documents:"
+        " *seen*; the other ten are *unseen*) and of the retain authors (the neighbours). *Indirect*: the"
+        " forget questions, of either half, that contain no word of the author's name. ROUGE-L recall of"
+        " the gold answer (forget: lower = more forgotten; retain: higher = better kept); *share of"
+        " baseline*: this run's recall over the `--compare` run's on the same questions. *States the fact*:"
+        " the answer says at least half of the gold's content words that the question does not give"
+        " (when the question gives them all, ROUGE-L recall ≥ 0.5). *Says the name*: the forget answer"
+        " says the author's full name, through small misspellings too (RWKU's *names target*).",
+        "",
+        *_table(header, rows),
+        *_table(["Forget author", "Unseen", "Seen", "Indirect", "Says the name"], per_author),
+    ]
+
+
 def _sets(current: Summary) -> dict[str, GroupScore]:
     """Every set of the run under one label each, for the sections that read one field of each."""
     groups = {f"RWKU {SPLIT_LABELS[s]}": g for s, g in current.rwku_overall.items() if s in SPLIT_LABELS}
     groups |= {f"MUSE {s.removeprefix('knowmem_')}": g for s, g in current.muse.items()}
+    groups |= {f"Authors {s.replace('_', ' ')}": g for s, g in current.authors.items()}
     return groups | {UTILITY_METRICS[s][0]: g for s, g in current.utility.items()}
 
 
@@ -296,10 +350,14 @@ def _header(results: EvalResults) -> list[str]:
         f"- Model `{info.model}` at `{info.base_url}`, suites {', '.join(info.suites)}",
         f"- Forget targets: {registration}",
         f"- {len(results.records)} prompts, greedy, seed {info.seed}, max tokens {info.max_tokens}"
-        f" (instructions {info.instruction_max_tokens}), concurrency {info.concurrency}"
+        f" (instructions {info.instruction_max_tokens}"
+        + (f", authors {info.author_max_tokens}" if info.author_max_tokens else "")
+        + f"), concurrency {info.concurrency}"
         + (f", first {info.sample} per set" if info.sample is not None else ""),
         f"- Wall time {info.wall_seconds:.0f} s, started {info.started_at}",
     ]
+    if info.authors:
+        lines.append(f"- Forget authors: {', '.join(info.authors)}")
     if info.compare:
         lines.append(f"- Compared with baseline `{info.compare}`: cells read baseline → this run")
     if errors:
@@ -314,6 +372,8 @@ def render_markdown(results: EvalResults, baseline: Summary | None, plots: Itera
         lines += _rwku_section(current, baseline) + _attack_section(current, baseline)
     if current.muse:
         lines += _muse_section(current, baseline)
+    if current.authors:
+        lines += _authors_section(current, baseline)
     if current.utility:
         lines += _utility_section(current, baseline)
     if baseline is not None:

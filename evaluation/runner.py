@@ -43,6 +43,8 @@ class EvalConfig(BaseModel):
     suites: list[Suite]
     data_dir: Path
     targets: list[str] | None = None
+    forget_authors: list[str] | None = None
+    author_max_tokens: int = suites.DEFAULT_AUTHOR_MAX_TOKENS
     levels: list[int]
     sample: int | None = None
     max_tokens: int
@@ -148,8 +150,11 @@ def run_eval(config: EvalConfig, console: Console) -> int:
         sample=config.sample,
         max_tokens=config.max_tokens,
         instruction_max_tokens=config.instruction_max_tokens,
+        authors=config.forget_authors,
+        author_max_tokens=config.author_max_tokens,
     )
     probes = suites.build_probes(config.data_dir, selection)
+    authors = suites.forget_authors(config.data_dir, selection) if "authors" in config.suites else []
     config.out.mkdir(parents=True, exist_ok=True)
 
     registration = "off"
@@ -187,6 +192,8 @@ def run_eval(config: EvalConfig, console: Console) -> int:
         seed=config.seed,
         registration=registration,
         registered=registered,
+        authors=[a.name for a in authors],
+        author_max_tokens=config.author_max_tokens if "authors" in config.suites else None,
         policy=config.policy if registered else None,
         compare=str(config.compare) if config.compare else None,
         started_at=started_at,

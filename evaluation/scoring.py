@@ -27,8 +27,11 @@ FORGET_SPLITS = ("forget", "knowmem_forget")
 NEIGHBOUR_SPLIT = "neighbor"
 """Prefix of RWKU's neighbour splits: questions about what surrounds a target."""
 
-STEMMED_SUITES = {"rwku": True, "muse": False, "utility": True}
-"""MUSE scores without a stemmer; RWKU and TOFU recall are scored with it (see metrics)."""
+STEMMED_SUITES = {"rwku": True, "muse": False, "utility": True, "authors": True}
+"""MUSE scores without a stemmer; RWKU and TOFU recall (utility and authors) with it (see metrics)."""
+
+AUTHOR_SPLITS = ("forget_unseen", "forget_seen", "forget_indirect", "retain_unseen", "retain_seen")
+"""The authors suite's groups, in report order (`forget_indirect` is derived, see `is_indirect`)."""
 
 
 _WORD = re.compile(r"\w+")
@@ -43,6 +46,22 @@ def answered_by_subject(probe: Probe) -> bool:
         return False
     answer = {word.casefold() for word in _WORD.findall(probe.answer)}
     return bool(answer) and answer <= {word.casefold() for word in _WORD.findall(probe.subject)}
+
+
+def is_indirect(probe: Probe) -> bool:
+    """An authors-suite forget question that does not name its author: no word of the name (split at
+    spaces, hyphens and punctuation, any case) in the prompt. TOFU's first question of each author
+    describes them instead ("the author born in Taipei on 05/11/1991...")."""
+    if probe.suite != "authors" or not probe.split.startswith("forget") or probe.subject is None:
+        return False
+    prompt = {word.casefold() for word in _WORD.findall(probe.prompt)}
+    return not any(word.casefold() in prompt for word in _WORD.findall(probe.subject))
+
+
+def _contains(probe: Probe, answer: str, text: str) -> bool:
+    if probe.suite == "authors":
+        return metrics.states_fact(answer, text, probe.prompt, stemmer=STEMMED_SUITES[probe.suite])
+    return metrics.contains_phrase(text, answer)
 
 
 def _detected(probe: Probe, fired: list[str] | None) -> bool | None:
@@ -66,7 +85,7 @@ def score_answer(probe: Probe, completion: Completion, fired: list[str] | None =
                 new_word_recall=metrics.new_word_recall(
                     probe.answer, text, probe.prompt, stemmer=STEMMED_SUITES[probe.suite]
                 ),
-                contains_answer=metrics.contains_phrase(text, probe.answer),
+                contains_answer=_contains(probe, probe.answer, text),
                 names_subject=(
                     metrics.says_name(text, probe.subject)
                     if probe.subject is not None and probe.split.startswith(FORGET_SPLITS)
@@ -153,6 +172,33 @@ def _by(records: Iterable[ProbeResult], key: str) -> dict[str, list[ProbeResult]
     return dict(groups)
 
 
+def _author_groups(records: Sequence[ProbeResult]) -> dict[str, list[ProbeResult]]:
+    """Split -> records, with `forget_indirect` added (those records also stay in their own half)."""
+    groups = _by(records, "split")
+    indirect = [r for r in records if is_indirect(r)]
+    if indirect:
+        groups["forget_indirect"] = indirect
+    return {split: groups[split] for split in AUTHOR_SPLITS if split in groups}
+
+
+def _authors_relative(
+    current: Mapping[str, GroupScore], records: Sequence[ProbeResult], by_id: Mapping[str, ProbeResult]
+) -> dict[str, float | None]:
+    """Per split, this run's recall over the baseline's on the same probes (None when the baseline's
+    is zero or missing)."""
+    base = {
+        split: group_score([by_id[r.id] for r in rows if r.id in by_id])
+        for split, rows in _author_groups(records).items()
+    }
+    relative: dict[str, float | None] = {}
+    for split, group in current.items():
+        before = base[split].rouge_l_recall if split in base else None
+        relative[split] = (
+            group.rouge_l_recall / before if group.rouge_l_recall is not None and before else None
+        )
+    return relative
+
+
 def unknown_targets(summary: Summary) -> list[str]:
     """RWKU targets whose unguarded forget level-1/2 recall is under `KNOWN_FLOOR`."""
     unknown = []
@@ -193,6 +239,15 @@ def summarise(
         muse={s: group_score(rows, by_id) for s, rows in _by(suites.get("muse", []), "split").items()},
         utility={s: group_score(rows, by_id) for s, rows in _by(suites.get("utility", []), "split").items()},
     )
+    authors = suites.get("authors", [])
+    if authors:
+        summary.authors = {split: group_score(rows, by_id) for split, rows in _author_groups(authors).items()}
+        summary.author_scores = {
+            name: {split: group_score(rows, by_id) for split, rows in _author_groups(author_rows).items()}
+            for name, author_rows in _by(authors, "target").items()
+        }
+        if by_id is not None:
+            summary.authors_relative = _authors_relative(summary.authors, authors, by_id)
     unguarded = summarise(baseline) if baseline is not None else summary if is_baseline else None
     if unguarded is not None:
         summary.unknown_targets = [t for t in unknown_targets(unguarded) if t in targets]

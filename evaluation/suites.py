@@ -21,6 +21,12 @@ MUSE_SUBJECT = "Harry Potter"
 MUSE_DESCRIPTION = "The Harry Potter book series by J. K. Rowling: its characters, places and events."
 MUSE_SPLITS = ("forget", "retain")
 TOFU_SETS = ("world_facts", "real_authors")
+AUTHORS_SEEN = 10
+"""Of each author's question/answer pairs, the first this many are "seen": a forget author's answers
+to them are registered as its documents, as an operator would paste a profile; the rest are questions
+about facts the guard was never shown."""
+DEFAULT_AUTHOR_MAX_TOKENS = 96
+"""TOFU answers are whole sentences (the longest in tofu_authors is 82 tokens of SmolLM2)."""
 
 T = TypeVar("T")
 
@@ -32,6 +38,9 @@ class Selection(BaseModel):
     sample: int | None
     max_tokens: int
     instruction_max_tokens: int
+    authors: list[str] | None = None
+    """Name substrings of the forget authors to register and probe (`authors` suite; None: all)."""
+    author_max_tokens: int = DEFAULT_AUTHOR_MAX_TOKENS
 
 
 class TargetSpec(BaseModel):
@@ -131,13 +140,58 @@ def utility_probes(data_dir: Path, selection: Selection) -> list[Probe]:
     return tofu_probes(data_dir, selection) + instruction_probes(data_dir, selection)
 
 
+def forget_authors(data_dir: Path, selection: Selection) -> list[datasets.TofuAuthor]:
+    return datasets.select_authors(datasets.tofu_authors(data_dir, "forget"), selection.authors)
+
+
+def author_split(group: str, index: int) -> str:
+    """`forget_seen`, `forget_unseen`, `retain_seen` or `retain_unseen`."""
+    return f"{group}_{'seen' if index < AUTHORS_SEEN else 'unseen'}"
+
+
+def authors_probes(data_dir: Path, selection: Selection) -> list[Probe]:
+    """Every question of the chosen forget authors and of all retain authors (the neighbours), bare
+    as TOFU asks them; `--sample N` takes the first N of each author's seen and unseen halves."""
+    groups = (
+        ("forget", forget_authors(data_dir, selection)),
+        ("retain", datasets.tofu_authors(data_dir, "retain")),
+    )
+    probes = []
+    for group, authors in groups:
+        for author in authors:
+            halves = (range(min(AUTHORS_SEEN, len(author.qa))), range(AUTHORS_SEEN, len(author.qa)))
+            for indices in halves:
+                for index in _first(list(indices), selection.sample):
+                    row = author.qa[index]
+                    split = author_split(group, index)
+                    probes.append(
+                        Probe(
+                            id=f"authors/{split}/{author.name}/{index}",
+                            suite="authors",
+                            split=split,
+                            target=author.name,
+                            subject=author.name,
+                            prompt=prompts.tofu_prompt(row.question),
+                            answer=row.answer,
+                            max_tokens=selection.author_max_tokens,
+                        )
+                    )
+    return probes
+
+
 def build_probes(data_dir: Path, selection: Selection) -> list[Probe]:
-    builders = {"rwku": rwku_probes, "muse": muse_probes, "utility": utility_probes}
+    builders = {
+        "rwku": rwku_probes,
+        "muse": muse_probes,
+        "utility": utility_probes,
+        "authors": authors_probes,
+    }
     return [probe for suite in selection.suites for probe in builders[suite](data_dir, selection)]
 
 
 def forget_targets(data_dir: Path, selection: Selection, policy: Policy = "steer") -> list[TargetSpec]:
-    """What the run asks the server to forget: each selected RWKU person, and Harry Potter for MUSE.
+    """What the run asks the server to forget: each selected RWKU person, Harry Potter for MUSE, and
+    each chosen forget author (its name, and the answers of its seen pairs as documents).
 
     RWKU targets bring their passages as documents. The MUSE data here has no book text, so the
     Harry Potter target is described by its name and MUSE's own in-context forget shots (never the
@@ -155,4 +209,14 @@ def forget_targets(data_dir: Path, selection: Selection, policy: Policy = "steer
         specs.append(
             TargetSpec(name=MUSE_SUBJECT, description=MUSE_DESCRIPTION, documents=documents, policy=policy)
         )
+    if "authors" in selection.suites:
+        specs += [
+            TargetSpec(
+                name=author.name,
+                description="",
+                documents=[row.answer for row in author.qa[:AUTHORS_SEEN]],
+                policy=policy,
+            )
+            for author in forget_authors(data_dir, selection)
+        ]
     return specs

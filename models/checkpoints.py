@@ -37,6 +37,9 @@ class CheckpointManifest(BaseModel):
     targets: list[str]
     forget_hash: str
     retain_hash: str
+    data_hash: str | None = Field(
+        None, description="sha256 of the taught question/answer pairs (method `teach`); None otherwise."
+    )
     created: AwareDatetime
     timings: dict[str, float] = Field(default_factory=dict, description="Seconds per stage.")
     peak_rss_mb: float | None = None

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from lethe.evaluation import cli as eval_command
 from lethe.gateway.cli import serve as serve_command
+from lethe.gateway.cli import teach as teach_command
 from lethe.gateway.cli import unlearn as unlearn_command
 from lethe.gateway.cli import worker as worker_command
 
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker_command.register(commands)
     eval_command.register(commands)
     unlearn_command.register(commands)
+    teach_command.register(commands)
     return parser
 
 
