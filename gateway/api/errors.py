@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lethe.gateway.runtime.guard_runtime import GuardFailure
-from lethe.models.engine import EngineError, EngineUnavailable
+from lethe.models.engine import EngineError
 
 logger = logging.getLogger(__name__)
 
@@ -95,10 +95,6 @@ def as_api_error(error: Exception) -> APIError:
         return error
     if isinstance(error, GuardFailure):
         return APIError(503, str(error), type_="server_error", code="guard_unavailable")
-    if isinstance(error, EngineUnavailable):  # down or restarting: a retry may succeed
-        return APIError(
-            503, f"The engine is not available: {error}", type_="server_error", code="engine_unavailable"
-        )
     if isinstance(error, EngineError):
         return APIError(500, f"Generation failed: {error}", type_="server_error", code="engine_error")
     logger.error("unexpected error", exc_info=error)

@@ -77,11 +77,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if settings.engine_process is None:  # the default under `lethe serve`: the engine in its own process
-        settings = settings.model_copy(update={"engine_process": settings.engine == "hf"})
-    if settings.engine_process and settings.engine == "hf":
-        torch.set_num_threads(1)  # the engine's child process owns the cores (LETHE_TORCH_THREADS)
-    elif settings.torch_threads:
+    if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it under the handler found before it
     # started: this one, so that the worker child is stopped before this process goes.

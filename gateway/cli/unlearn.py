@@ -2,7 +2,13 @@
 
 Hyperparameter flags are generated from the pydantic models of `lethe.models.unlearning.spec`, so the
 command line, the job API and the validation cannot drift apart; values are passed through as
-typed and pydantic converts or refuses them. Bad parameters and unknown targets exit with code 2.
+typed and pydantic converts or refuses them. The job is checked as the job API checks it
+(`lethe.gateway.jobs.validation`) before anything is loaded. Bad parameters and unknown targets exit
+with code 2.
+
+(pydantic-settings' `CliSettingsSource` can add flags to an argparse subparser, but it splits a list
+flag's value on commas, which would cut a module pattern such as `layers[.][0-9]{1,2}[.]mlp` in two, and
+it does not take `--modules A B`; so the flags stay generated here.)
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from lethe.models.unlearning.spec import FLATParams, SSDParams
 
@@ -70,7 +76,8 @@ def register(commands: argparse._SubParsersAction) -> None:
             action="extend",
             required=True,
             metavar="NAME",
-            help="registered target name, or an RWKU target folder path (repeatable)",
+            help="registered target id or name, or the name of an RWKU target of the evaluation data"
+            " (not a path; repeatable)",
         )
         sub.add_argument(
             "--from",
@@ -83,7 +90,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         sub.add_argument(
             "--data-dir",
             type=Path,
-            help="evaluation/retain data (LETHE_EVAL_DATA; default /work/shared/eval)",
+            help="evaluation data: RWKU targets, retain data, the before/after evaluation"
+            " (default: LETHE_EVAL_DATA; none: registered targets only, no evaluation)",
         )
         evaluation = sub.add_argument_group("before/after evaluation")
         evaluation.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
@@ -116,30 +124,34 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def format_validation_error(error: ValidationError, what: str) -> str:
+    """One line per problem: `field: message`, field names as the user spells them."""
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or what}: {e['msg']}" for e in error.errors())
+    return f"invalid {what}: {problems}"
+
+
 def run(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
     from rich.console import Console
 
     from lethe.gateway.cli.progress import RichProgress, print_summary
     from lethe.gateway.config import Settings
     from lethe.gateway.jobs.evaluation import EvaluationOptions
-    from lethe.gateway.jobs.runner import (
-        UnlearnCancelled,
-        format_validation_error,
-        run_unlearning,
-        validate_spec,
-    )
-    from lethe.gateway.store import BASE_CHECKPOINT, open_store
+    from lethe.gateway.jobs.runner import UnlearnCancelled, run_unlearning
+    from lethe.gateway.jobs.validation import check_job, starting_checkpoint
+    from lethe.gateway.store import open_store
     from lethe.models.checkpoints import CheckpointStore
-    from lethe.models.unlearning.spec import UnlearnSpec
+    from lethe.models.loading import resolve_model_path
+    from lethe.models.unlearning.spec import parse_spec
 
     console = Console(stderr=True)
     try:
-        spec = UnlearnSpec(
-            method=args.method,
-            targets=args.targets,
-            params=_params(args),
-            from_checkpoint=args.from_checkpoint,
+        spec = parse_spec(
+            {
+                "method": args.method,
+                "targets": args.targets,
+                "params": _params(args),
+                "from_checkpoint": args.from_checkpoint,
+            }
         )
         options = EvaluationOptions(
             enabled=not args.no_eval,
@@ -159,17 +171,21 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[red]error:[/red] {format_validation_error(error, 'arguments')}")
         return EXIT_BAD_REQUEST
     settings = Settings(**({"model": args.model} if args.model else {}))
+    data_dir = args.data_dir or settings.eval_data
     store = open_store(settings)
     try:
-        serving = store.serving_checkpoint().checkpoint
-        if spec.from_checkpoint is None and args.out is None and serving != BASE_CHECKPOINT:
-            spec = spec.model_copy(update={"from_checkpoint": serving})  # as the job API does
+        # As the job API does: without --from, build on what the gateway serves; a separate --out
+        # store starts from the base model.
+        serving = None if args.out is not None else store.serving_checkpoint().checkpoint
+        spec = spec.model_copy(update={"from_checkpoint": starting_checkpoint(spec.from_checkpoint, serving)})
         checkpoints = CheckpointStore(args.out or settings.home / "checkpoints")
-        try:
-            validate_spec(spec, store, checkpoints=checkpoints, data_dir=args.data_dir)
-        except ValueError as error:
-            console.print(f"[red]error:[/red] {error}")
-            return EXIT_BAD_REQUEST
+        check_job(
+            spec,
+            store=store,
+            data_dir=data_dir,
+            catalog=checkpoints,
+            base_model=lambda: resolve_model_path(settings.engine_config()),
+        )
         with RichProgress(console) as progress:
             manifest = run_unlearning(
                 spec,
@@ -178,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
                 progress=progress,
                 cancelled=lambda: False,
                 checkpoints=checkpoints,
-                data_dir=args.data_dir,
+                data_dir=data_dir,
                 evaluation=options,
             )
     except ValueError as error:

@@ -1,29 +1,32 @@
 """Where the forget and retain data of an unlearning job come from.
 
-Targets are the gateway's registered targets, looked up by name, or RWKU target folders given by
-path (convenient when nothing is registered: documents = passage.json, name = intro.json). Retain
-data and the "I don't know" templates come from the evaluation data folder (`LETHE_EVAL_DATA`,
-default /work/shared/eval); a production gateway may not have it, so what is missing is reported
-and, where a method cannot do without it, refused with a message that says what to provide.
+Targets are the gateway's registered targets, by id or name, or RWKU targets of the evaluation data
+folder by name (convenient when nothing is registered: documents = passage.json); which one a name
+means is decided by `lethe.gateway.jobs.validation.find_targets`, never by reading it as a path.
+Retain data and the "I don't know" templates come from the evaluation data folder
+(`LETHE_EVAL_DATA`, the `eval_data` setting; none by default); a production gateway may not have
+it, so what is missing is reported and, where a method cannot do without it, refused with a
+message that says what to provide.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from lethe.evaluation import datasets
+from lethe.gateway.config import Settings
+from lethe.gateway.jobs.validation import find_targets
 from lethe.gateway.store import Store
 from lethe.models.unlearning.data import ForgetSet, RetainItem
 
-DEFAULT_EVAL_DATA = Path("/work/shared/eval")
 TOFU_RETAIN_SETS = ("world_facts", "real_authors")
 
 
-def default_data_dir() -> Path:
-    return Path(os.environ.get(datasets.DATA_DIR_ENV) or DEFAULT_EVAL_DATA).expanduser()
+def default_data_dir() -> Path | None:
+    """The evaluation data folder the settings name (`LETHE_EVAL_DATA`), or None."""
+    return Settings().eval_data
 
 
 @dataclass(frozen=True)
@@ -35,72 +38,45 @@ class ResolvedTarget:
 
 
 def is_rwku_folder(value: str) -> bool:
+    """Whether a folder (a path the caller chose, not a job's target) looks like an RWKU target."""
     folder = Path(value).expanduser()
     return folder.is_dir() and (folder / "intro.json").is_file() and (folder / "passage.json").is_file()
 
 
-def _rwku_name(folder: Path) -> str:
-    return str(json.loads((folder / "intro.json").read_text(encoding="utf-8"))[0]["target"])
-
-
-def _rwku_by_name(data_dir: Path) -> dict[str, Path]:
-    root = data_dir / "rwku"
-    if not root.is_dir():
-        return {}
-    return {_rwku_name(f).casefold(): f for f in root.iterdir() if is_rwku_folder(str(f))}
-
-
-def _templates(rwku_folder: Path | None, data_dir: Path) -> list[str]:
+def _templates(rwku_folder: Path | None, data_dir: Path | None) -> list[str]:
     """RWKU's per-target "I don't know" answers where present, else TOFU's generic ones."""
     for path in (
         (rwku_folder / "idk_target.json") if rwku_folder else None,
-        data_dir / "tofu" / "idontknow.json",
+        (data_dir / "tofu" / "idontknow.json") if data_dir else None,
     ):
         if path is not None and path.is_file():
             return [str(t) for t in json.loads(path.read_text(encoding="utf-8"))]
     return []
 
 
-def resolve_targets(names: list[str], store: Store, data_dir: Path) -> list[ResolvedTarget]:
-    """Each name as a registered target (case-insensitive) or an RWKU folder path; raises
-    ValueError naming every unknown one."""
-    registered = {t.name.casefold(): t for t in store.snapshot().targets}
-    rwku = _rwku_by_name(data_dir)
-    resolved, unknown = [], []
-    for name in names:
-        target = registered.get(name.strip().casefold())
-        if target is not None:
-            folder = rwku.get(target.name.casefold())
-            forget = ForgetSet(
+def resolve_targets(names: list[str], store: Store, data_dir: Path | None) -> list[ResolvedTarget]:
+    """Each name as `find_targets` finds it, with its forget data; raises JobSpecError (a
+    ValueError) naming the first item at fault."""
+    return [
+        ResolvedTarget(
+            forget=ForgetSet(
                 name=target.name,
                 documents=target.documents,
                 examples=target.examples,
-                templates=_templates(folder, data_dir),
-            )
-        elif is_rwku_folder(name):
-            folder = Path(name).expanduser().resolve()
-            passages = [str(row["text"]) for row in json.loads((folder / "passage.json").read_text("utf-8"))]
-            forget = ForgetSet(
-                name=_rwku_name(folder), documents=passages, templates=_templates(folder, data_dir)
-            )
-        else:
-            unknown.append(name)
-            continue
-        if not forget.documents and not forget.examples:
-            raise ValueError(f"target {forget.name!r} has no documents or examples to forget")
-        resolved.append(ResolvedTarget(forget=forget, rwku_folder=folder))
-    if unknown:
-        known = ", ".join(sorted(t.name for t in registered.values())) or "none registered"
-        raise ValueError(
-            f"unknown target(s): {', '.join(unknown)} (registered: {known}; an RWKU folder path also works)"
+                templates=_templates(target.rwku_folder, data_dir),
+            ),
+            rwku_folder=target.rwku_folder,
         )
-    return resolved
+        for target in find_targets(names, store, data_dir)
+    ]
 
 
-def retain_corpus(data_dir: Path) -> list[RetainItem]:
+def retain_corpus(data_dir: Path | None) -> list[RetainItem]:
     """General knowledge to keep: TOFU world facts and real authors (Q/A in the chat template) and
-    the general instructions (plain text). Empty when the data folder is absent."""
+    the general instructions (plain text). Empty when there is no data folder or it is absent."""
     items: list[RetainItem] = []
+    if data_dir is None:
+        return items
     for name in TOFU_RETAIN_SETS:
         path = data_dir / "tofu" / f"{name}_perturbed.json"
         if path.is_file():

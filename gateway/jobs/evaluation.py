@@ -132,7 +132,10 @@ def _sample(texts: Sequence[str], n: int, seed: int) -> list[str]:
 
 
 def build_plan(
-    targets: Sequence[ResolvedTarget], retain_texts: Sequence[str], data_dir: Path, options: EvaluationOptions
+    targets: Sequence[ResolvedTarget],
+    retain_texts: Sequence[str],
+    data_dir: Path | None,
+    options: EvaluationOptions,
 ) -> EvaluationPlan:
     probes: list[Probe] = []
     mia: dict[str, _MiaSet] = {}
@@ -158,12 +161,12 @@ def build_plan(
                 retain=_sample(retain_mia, options.mia_samples, options.seed),
             )
     general = (
-        (options.utility_samples, data_dir / "tofu", suites.tofu_probes),
-        (options.muse_samples, data_dir / "muse_books", suites.muse_probes),
-        (options.instruction_samples, data_dir / "general", suites.instruction_probes),
+        (options.utility_samples, "tofu", suites.tofu_probes),
+        (options.muse_samples, "muse_books", suites.muse_probes),
+        (options.instruction_samples, "general", suites.instruction_probes),
     )
     for sample, folder, builder in general:
-        if sample and folder.is_dir():
+        if sample and data_dir is not None and (data_dir / folder).is_dir():
             probes += builder(data_dir, _selection(options, sample))
     return EvaluationPlan(probes=probes, mia=mia, names=names, options=options)
 

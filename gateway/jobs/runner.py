@@ -1,8 +1,9 @@
 """Running an unlearning job: targets and source resolved, data built, the method run with
 progress and cancellation, the model evaluated before and after, the checkpoint written atomically.
 
-The job worker and `lethe unlearn` both call `run_unlearning`; `validate_spec` is the cheap part of
-it that the job API runs at submission, so that bad requests get a 4xx before they queue.
+The job worker and `lethe unlearn` both call `run_unlearning`; the cheap checks it starts with
+(targets, starting checkpoint) are `lethe.gateway.jobs.validation`, which the job API runs at
+submission without importing this module, so that bad requests get a 4xx before they queue.
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from pydantic import ValidationError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from lethe.gateway.config import Settings
-from lethe.gateway.jobs.data import ResolvedTarget, default_data_dir, resolve_targets, retain_corpus
+from lethe.gateway.jobs.data import ResolvedTarget, resolve_targets, retain_corpus
 from lethe.gateway.jobs.evaluation import (
     EvaluationOptions,
     EvaluationPlan,
@@ -31,6 +31,7 @@ from lethe.gateway.jobs.evaluation import (
     measure,
     plan_key,
 )
+from lethe.gateway.jobs.validation import checkpoint_manifest
 from lethe.gateway.store import Store
 from lethe.models.checkpoints import CheckpointManifest, CheckpointStore, new_checkpoint_id, weights_hash
 from lethe.models.loading import resolve_model_path
@@ -52,10 +53,10 @@ from lethe.models.unlearning.neighbours import (
     neighbour_retain,
 )
 from lethe.models.unlearning.progress import StepCallback, UnlearnCancelled, sub_step
-from lethe.models.unlearning.spec import FLATParams, SSDParams, UnlearnSpec
+from lethe.models.unlearning.spec import FLATParams, SSDParams, UnlearnJob
 from lethe.models.unlearning.ssd import SSDReport, run_ssd
 
-__all__ = ["ProgressSink", "UnlearnCancelled", "run_unlearning", "validate_spec"]
+__all__ = ["ProgressSink", "UnlearnCancelled", "run_unlearning"]
 
 EVAL_CACHE = ".eval-cache"
 # Share of the job's progress bar per stage (the method dominates; evaluation is bounded).
@@ -79,45 +80,9 @@ class _Source:
     base_model: str
 
 
-def format_validation_error(error: ValidationError, what: str) -> str:
-    """One line per problem: `field: message`, field names as the user spells them."""
-    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or what}: {e['msg']}" for e in error.errors())
-    return f"invalid {what}: {problems}"
-
-
-def _params(spec: UnlearnSpec) -> SSDParams | FLATParams:
-    try:
-        return spec.method_params()
-    except ValidationError as error:
-        raise ValueError(format_validation_error(error, f"{spec.method} parameters")) from error
-
-
-def validate_spec(
-    spec: UnlearnSpec,
-    store: Store,
-    *,
-    checkpoints: CheckpointStore | None = None,
-    data_dir: Path | None = None,
-) -> None:
-    """Raise ValueError (with a message for the client) for bad parameters, unknown targets, or, when
-    `checkpoints` is given, an unknown source checkpoint."""
-    _params(spec)
-    resolve_targets(spec.targets, store, data_dir or default_data_dir())
-    if checkpoints is not None and spec.from_checkpoint is not None:
-        _checkpoint(checkpoints, spec.from_checkpoint)
-
-
-def _checkpoint(checkpoints: CheckpointStore, checkpoint_id: str) -> CheckpointManifest:
-    try:
-        return checkpoints.get(checkpoint_id)
-    except KeyError:
-        known = ", ".join(m.id for m in checkpoints.list()) or "none"
-        raise ValueError(f"unknown checkpoint {checkpoint_id!r} (known: {known})") from None
-
-
-def _source(spec: UnlearnSpec, settings: Settings, checkpoints: CheckpointStore) -> _Source:
+def _source(spec: UnlearnJob, settings: Settings, checkpoints: CheckpointStore) -> _Source:
     if spec.from_checkpoint is not None:
-        parent = _checkpoint(checkpoints, spec.from_checkpoint)
+        parent = checkpoint_manifest(checkpoints, spec.from_checkpoint)
         return _Source(checkpoints.path(parent.id), parent, parent.weights_hash, parent.base_model)
     path = resolve_model_path(settings.engine_config())
     return _Source(path, None, weights_hash(path), str(path))
@@ -151,7 +116,7 @@ def _peak_rss_mb() -> float:
 
 
 def run_unlearning(
-    spec: UnlearnSpec,
+    spec: UnlearnJob,
     *,
     settings: Settings,
     store: Store,
@@ -163,11 +128,12 @@ def run_unlearning(
 ) -> CheckpointManifest:
     """Run one job to a written checkpoint and return its manifest.
 
-    Raises ValueError for a bad spec (unknown targets or checkpoint, bad parameters, missing retain
-    data for SSD) and UnlearnCancelled when `cancelled()` turns true (checked between steps).
+    `data_dir` is the evaluation data (default: the `eval_data` setting, LETHE_EVAL_DATA). Raises
+    ValueError for a job that cannot run (unknown targets or checkpoint, missing retain data for
+    SSD) and UnlearnCancelled when `cancelled()` turns true (checked between steps).
     """
-    params = _params(spec)
-    data_dir = data_dir or default_data_dir()
+    params = spec.params
+    data_dir = data_dir or settings.eval_data
     evaluation = evaluation or EvaluationOptions()
     checkpoints = checkpoints or CheckpointStore(settings.home / "checkpoints")
     targets = resolve_targets(spec.targets, store, data_dir)
@@ -175,8 +141,9 @@ def run_unlearning(
     retain = retain_corpus(data_dir)
     if isinstance(params, SSDParams) and not retain:
         raise ValueError(
-            f"SSD needs retain data: none found under {data_dir} (TOFU world facts / real authors, general"
-            " instructions); set LETHE_EVAL_DATA to a folder that has them"
+            f"SSD needs retain data: none found under {data_dir or 'the evaluation data (none configured)'}"
+            " (TOFU world facts / real authors, general instructions); set LETHE_EVAL_DATA to a folder"
+            " that has them"
         )
     device = _device(settings.unlearn_device)
     step = _stepper(progress, cancelled)

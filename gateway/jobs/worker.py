@@ -189,7 +189,7 @@ class Worker:
     def run_job(self, job: Job) -> Job | None:
         """Run a claimed job to its end and record how it ended (None if the job was taken away)."""
         from lethe.models.unlearning.progress import UnlearnCancelled
-        from lethe.models.unlearning.spec import UnlearnSpec
+        from lethe.models.unlearning.spec import parse_spec
 
         logger.info("job %s: running %s", job.id, job.spec)
         progress = JobProgress(self.store, job, self.worker_id)
@@ -204,7 +204,7 @@ class Worker:
         state: Literal["succeeded", "failed", "cancelled"]
         checkpoint_id = error = message = None
         try:
-            spec = UnlearnSpec.model_validate(job.spec)
+            spec = parse_spec(job.spec)
             manifest = self.run_function(
                 spec, settings=self.settings, store=self.store, progress=progress, cancelled=cancelled
             )

@@ -103,10 +103,10 @@ def test_running_jobs_are_asked_to_stop(client: TestClient, app: FastAPI, harry:
         (
             {"method": "ssd", "targets": ["Harry Potter"], "params": {"divergence": "kl"}},
             "params.divergence",
-            "invalid_hyperparameter",
+            "unknown_parameter",
         ),
-        ({"method": "flat", "targets": ["Voldemort"]}, "targets", "invalid_value"),
-        ({"method": "flat", "targets": ["Harry Potter", "Nobody"]}, "targets", "invalid_value"),
+        ({"method": "flat", "targets": ["Voldemort"]}, "targets[0]", "invalid_value"),
+        ({"method": "flat", "targets": ["Harry Potter", "Nobody"]}, "targets[1]", "invalid_value"),
         (
             {"method": "flat", "targets": ["Harry Potter"], "from_checkpoint": "ckpt-nope"},
             "from_checkpoint",
@@ -120,7 +120,7 @@ def test_bad_jobs_are_refused_at_submission(
     error = assert_error(client.post("/admin/jobs", json=body), 400, param)
     if code is not None:
         assert error["code"] == code
-    if param == "targets" and code == "invalid_value":
+    if param.startswith("targets[") and code == "invalid_value":
         assert "Voldemort" in error["message"] or "Nobody" in error["message"]
     assert client.get("/admin/jobs").json()["data"] == []
 

@@ -19,13 +19,14 @@ from lethe.gateway.cli.main import main
 from lethe.gateway.cli.progress import print_summary
 from lethe.gateway.config import Settings
 from lethe.gateway.jobs.evaluation import EvaluationOptions
-from lethe.gateway.jobs.runner import UnlearnCancelled, run_unlearning, validate_spec
+from lethe.gateway.jobs.runner import UnlearnCancelled, run_unlearning
+from lethe.gateway.jobs.validation import JobSpecError, check_job
 from lethe.gateway.store import open_store
 from lethe.guards.targets import TargetSpec
 from lethe.models.checkpoints import CheckpointManifest, CheckpointStore, weights_hash
 from lethe.models.unlearning.data import texts_hash
 from lethe.models.unlearning.generation import greedy_answers
-from lethe.models.unlearning.spec import UnlearnSpec
+from lethe.models.unlearning.spec import parse_spec
 from tests.evaluation.synthetic_data import INSTRUCTIONS, write_eval_data
 
 DOCUMENTS = [
@@ -90,7 +91,7 @@ def _job(
     what it logged."""
     progress = Recorder()
     manifest = run_unlearning(
-        UnlearnSpec(method=method, targets=list(targets), params=params),
+        parse_spec({"method": method, "targets": list(targets), "params": params}),
         settings=settings,
         store=store,
         progress=progress,
@@ -111,7 +112,7 @@ def test_ssd_run_writes_a_checkpoint_with_its_manifest(
         {"forget_samples": 2, "retain_samples": 2, "max_length": 32, "lambda": 0.5, "neighbours": 2},
         OPTIONS,
         method="ssd",
-        targets=["grace hopper", str(data_dir / "rwku" / "3_Ada_Lovelace")],
+        targets=["grace hopper", "3_Ada_Lovelace"],
     )
     checkpoints = CheckpointStore(settings.home / "checkpoints")
     assert checkpoints.get(manifest.id) == manifest
@@ -167,11 +168,13 @@ def test_ssd_run_writes_a_checkpoint_with_its_manifest(
     assert progress.fractions == sorted(progress.fractions) and progress.fractions[-1] == 1.0
 
     child = run_unlearning(
-        UnlearnSpec(
-            method="flat",
-            targets=["Grace Hopper"],
-            params={"forget_samples": 2, "max_length": 48},
-            from_checkpoint=manifest.id,
+        parse_spec(
+            {
+                "method": "flat",
+                "targets": ["Grace Hopper"],
+                "params": {"forget_samples": 2, "max_length": 48},
+                "from_checkpoint": manifest.id,
+            }
         ),
         settings=settings,
         store=store,
@@ -189,7 +192,7 @@ def test_cancellation_writes_nothing(settings: Settings, store, data_dir: Path) 
     calls = iter(range(1000))
     with pytest.raises(UnlearnCancelled):
         run_unlearning(
-            UnlearnSpec(method="flat", targets=["Grace Hopper"], params={"forget_samples": 2}),
+            parse_spec({"method": "flat", "targets": ["Grace Hopper"], "params": {"forget_samples": 2}}),
             settings=settings,
             store=store,
             progress=Recorder(),
@@ -200,25 +203,37 @@ def test_cancellation_writes_nothing(settings: Settings, store, data_dir: Path) 
     assert CheckpointStore(settings.home / "checkpoints").list() == []
 
 
-def test_validation_names_unknown_targets_and_bad_params(store, data_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"unknown target.*Nobody.*registered: Grace Hopper"):
-        validate_spec(UnlearnSpec(method="ssd", targets=["Nobody", "Grace Hopper"]), store, data_dir=data_dir)
-    with pytest.raises(ValueError, match="alpha"):
-        validate_spec(UnlearnSpec(method="ssd", targets=["Grace Hopper"], params={"alpha": 0}), store)
-    with pytest.raises(ValueError, match="divergence"):
-        validate_spec(UnlearnSpec(method="flat", targets=["Grace Hopper"], params={"divergence": "x"}), store)
-    with pytest.raises(ValueError, match="unknown checkpoint"):
-        validate_spec(
-            UnlearnSpec(method="flat", targets=["Grace Hopper"], from_checkpoint="ckpt-none"),
-            store,
-            checkpoints=CheckpointStore(tmp_path / "ckpts"),
+def test_validation_names_the_item_at_fault(
+    settings: Settings, store, data_dir: Path, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    def check(**spec: object) -> None:
+        check_job(
+            parse_spec({"targets": ["Grace Hopper"], **spec}),
+            store=store,
+            data_dir=data_dir,
+            catalog=CheckpointStore(tmp_path / "ckpts"),
+            base_model=lambda: tiny_model_dir,
         )
+
+    with pytest.raises(JobSpecError, match=r"targets\[0\]: unknown target 'Nobody'.*registered: Grace"):
+        check(method="ssd", targets=["Nobody", "Grace Hopper"])
+    with pytest.raises(JobSpecError, match="unknown checkpoint 'ckpt-none'") as unknown:
+        check(method="flat", from_checkpoint="ckpt-none")
+    assert (unknown.value.param, unknown.value.code) == ("from_checkpoint", "checkpoint_not_found")
+    with pytest.raises(JobSpecError, match="matches no parameter") as unmatched:
+        check(method="ssd", params={"modules": ["mlp", "no_such_module"]})
+    assert unmatched.value.param == "params.modules[1]"
+    check(method="ssd", targets=["Grace Hopper", "Ada Lovelace"], params={"modules": ["mlp"]})
+    with pytest.raises(ValidationError, match="alpha"):
+        parse_spec({"method": "ssd", "targets": ["Grace Hopper"], "params": {"alpha": 0}})
+    with pytest.raises(ValidationError, match="divergence"):
+        parse_spec({"method": "flat", "targets": ["Grace Hopper"], "params": {"divergence": "x"}})
 
 
 def test_ssd_without_retain_data_is_refused_clearly(settings: Settings, store, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="SSD needs retain data"):
         run_unlearning(
-            UnlearnSpec(method="ssd", targets=["Grace Hopper"]),
+            parse_spec({"method": "ssd", "targets": ["Grace Hopper"]}),
             settings=settings,
             store=store,
             progress=Recorder(),
@@ -230,13 +245,18 @@ def test_ssd_without_retain_data_is_refused_clearly(settings: Settings, store, t
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["ssd", "--target", "Nobody"], "unknown target(s): Nobody"),
+        (["ssd", "--target", "Nobody"], "unknown target 'Nobody'"),
+        (["ssd", "--target", "/tmp/rwku/3_Ada_Lovelace"], "a path is not a target"),
+        (["ssd", "--target", "Grace Hopper", "grace hopper"], "'grace hopper' is the same target"),
+        (["ssd", "--target", "Grace Hopper", "--modules", "("], "not a regular expression"),
+        (["ssd", "--target", "Grace Hopper", "--modules", "mlp", "nothing_matches"], "params.modules[1]"),
+        (["ssd", "--target", "Grace Hopper", "--alpha", "inf"], "finite number"),
         (["ssd", "--target", "Grace Hopper", "--alpha", "-1"], "alpha"),
         (["ssd", "--target", "Grace Hopper", "--forget-samples", "many"], "forget_samples"),
         (["flat", "--target", "Grace Hopper", "--from", "ckpt-none"], "unknown checkpoint"),
         (["flat", "--target", "Grace Hopper", "--keep-neighbours", "1.5"], "keep_neighbours"),
         # an optional number is a number flag, not a choice between its types
-        (["flat", "--target", "Nobody", "--keep-neighbours", "0.9"], "unknown target(s): Nobody"),
+        (["flat", "--target", "Nobody", "--keep-neighbours", "0.9"], "unknown target 'Nobody'"),
     ],
 )
 def test_cli_errors_exit_2(
@@ -248,8 +268,9 @@ def test_cli_errors_exit_2(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setenv("LETHE_HOME", str(settings.home))
+    monkeypatch.setenv("LETHE_MODEL", str(settings.model))
     assert main(["unlearn", *argv]) == 2
-    assert message in capsys.readouterr().err.replace("\n", " ")
+    assert message in " ".join(capsys.readouterr().err.split())  # rich wraps long lines
 
 
 def test_cli_starts_from_the_serving_checkpoint(
