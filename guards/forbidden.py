@@ -22,8 +22,12 @@ Encode = Callable[[str], list[int]]
 
 def _pattern_for(string: str) -> str:
     """Case-insensitive literal of `string`'s folded form whose internal whitespace may be any run
-    of whitespace."""
-    return r"\s+".join(regex.escape(normalize(word)) for word in string.split())
+    of whitespace. A word that folds to nothing (a combining accent on its own) is refused: its
+    pattern would match the empty string, that is everywhere, and empty every answer."""
+    words = [normalize(word) for word in string.split()]
+    if not words or not all(words):
+        raise ValueError(f"the forbidden string {string!r} folds to an empty pattern")
+    return r"\s+".join(regex.escape(word) for word in words)
 
 
 def _folded(text: str) -> tuple[str, list[int]]:

@@ -6,6 +6,7 @@ keeps the index it started with, and the next request sees the new one.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -15,6 +16,8 @@ from lethe.guards.compiler import CompiledTarget, Vocabulary, compile_target, pl
 from lethe.guards.config import GuardConfig
 from lethe.guards.plan import GuardPlan
 from lethe.guards.targets import Target
+
+logger = logging.getLogger(__name__)
 
 
 class Fired(Protocol):
@@ -43,12 +46,23 @@ class Decision:
 NOTHING_FIRED = Decision(GuardPlan(), (), refuse=False)
 
 
+class TargetsUnenforceable(RuntimeError):
+    """The index holds enabled targets it could not compile: no request may be answered under it
+    (fail closed), because detection cannot tell whether a request touches one of them."""
+
+    def __init__(self, reasons: dict[str, str]) -> None:
+        super().__init__(f"{len(reasons)} enabled target(s) cannot be enforced: {sorted(reasons)}")
+        self.target_ids = tuple(sorted(reasons))
+
+
 @dataclass(frozen=True)
 class GuardIndex:
     revision: int
     detector: Detector | None
     compiled: dict[str, CompiledTarget] = field(default_factory=dict)
     config: GuardConfig = field(default_factory=GuardConfig)
+    unenforceable: dict[str, str] = field(default_factory=dict)
+    """Enabled targets that failed to compile, with the reason (for the log, never for users)."""
 
     @cached_property
     def registered_strings(self) -> tuple[str, ...]:
@@ -70,15 +84,36 @@ class GuardIndex:
         vocabulary: Vocabulary | None,
         config: GuardConfig,
     ) -> GuardIndex:
-        enabled = [t for t in targets if t.enabled]
+        """Compile every enabled target. One that fails to compile (a string that folds to nothing,
+        from a store edited by hand) is left out of detection and matching and recorded in
+        `unenforceable`, which makes every decision under this index fail (fail closed) until the
+        operator fixes or deletes it; the other targets still compile, and the admin API works."""
+        compiled: dict[str, CompiledTarget] = {}
+        unenforceable: dict[str, str] = {}
+        for target in (t for t in targets if t.enabled):
+            try:
+                compiled[target.id] = compile_target(target, encode, vocabulary, config)
+            except Exception as error:
+                unenforceable[target.id] = str(error)
+                logger.error(
+                    "target %s cannot be enforced, so no request is answered until it is fixed or "
+                    "deleted (PATCH or DELETE /admin/targets/%s): %s",
+                    target.id,
+                    target.id,
+                    error,
+                )
+        enforceable = [t for t in targets if t.id in compiled]
         return cls(
             revision=revision,
-            detector=build_detector(enabled) if enabled else None,
-            compiled={t.id: compile_target(t, encode, vocabulary, config) for t in enabled},
+            detector=build_detector(enforceable) if enforceable else None,
+            compiled=compiled,
             config=config,
+            unenforceable=unenforceable,
         )
 
     def decide(self, fired_ids: Sequence[str]) -> Decision:
+        if self.unenforceable:
+            raise TargetsUnenforceable(self.unenforceable)
         fired = [self.compiled[i] for i in dict.fromkeys(fired_ids) if i in self.compiled]
         plan = plan_for(fired, self.config)
         everywhere = self.registered_strings

@@ -1,18 +1,72 @@
 """Forget targets as operators register them: the wire and storage shape shared by the admin API,
-the store and the guard compiler."""
+the store and the guard compiler.
+
+The strings a target forbids (its name, aliases and forbidden strings) are checked at the edge:
+each must keep at least two letters or digits once case and accents are folded away, and none may
+hold an invisible character (controls, NUL, zero-width or bidi-override characters). A string
+that folds to nothing would match everywhere and empty every answer for every user. A stored
+target (`Target`) is read back as it was stored, without these checks, so that one bad row of an
+old or hand-edited database cannot hide the others: the guard compiler refuses it instead
+(guards/compiler.py) and the gateway fails closed.
+"""
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StringConstraints,
+    field_validator,
+)
+
+from lethe.guards.names import normalize
 
 Policy = Literal["steer", "refuse"]
 """`steer`: decode around the target silently; `refuse`: answer with a refusal template and stop."""
 
 ShortText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 LongText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=20_000)]
+
+MIN_FOLDED_CHARS = 2
+"""Letters or digits a forbidden string must keep after folding (guards.names.normalize)."""
+
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Zl", "Zp"})
+"""Controls (NUL, tabs, newlines), format characters (zero-width spaces and joiners, bidi
+embeddings, overrides and isolates, the byte-order mark, soft hyphens), lone surrogates,
+private-use characters, and line and paragraph separators."""
+
+
+def term_problem(text: str) -> str | None:
+    """Why `text` cannot be a forbidden string (a name, alias, forbidden string or key term), or
+    None when it can."""
+    for char in text:
+        if unicodedata.category(char) in _INVISIBLE_CATEGORIES:
+            return f"contains the invisible or control character U+{ord(char):04X}; use plain visible text"
+    folded = normalize(text)
+    if sum(char.isalnum() for char in folded) < MIN_FOLDED_CHARS:
+        return (
+            f"must keep at least {MIN_FOLDED_CHARS} letters or digits once case and accents are "
+            f"folded (it folds to {folded.strip()!r})"
+        )
+    return None
+
+
+def _forbiddable(text: str) -> str:
+    problem = term_problem(text)
+    if problem is not None:
+        raise ValueError(problem)
+    return text
+
+
+Term = Annotated[ShortText, AfterValidator(_forbiddable)]
+"""A name, alias or forbidden string as an operator sends it."""
 
 
 class TargetFields(BaseModel):
@@ -38,9 +92,13 @@ class TargetFields(BaseModel):
 
 
 class TargetSpec(TargetFields):
-    """What an operator registers (`POST /admin/targets`)."""
+    """What an operator registers (`POST /admin/targets`): forbidden strings checked, booleans
+    strict (`"yes"` is not true)."""
 
-    name: ShortText
+    name: Term
+    aliases: list[Term] = Field(default_factory=list, max_length=100)
+    forbidden: list[Term] = Field(default_factory=list, max_length=200)
+    enabled: StrictBool = True
 
 
 class TargetPatch(BaseModel):
@@ -48,21 +106,26 @@ class TargetPatch(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: ShortText | None = None
-    aliases: list[ShortText] | None = Field(default=None, max_length=100)
+    name: Term | None = None
+    aliases: list[Term] | None = Field(default=None, max_length=100)
     description: Annotated[str, StringConstraints(strip_whitespace=True, max_length=2_000)] | None = None
     documents: list[LongText] | None = Field(default=None, max_length=2_000)
     examples: (
         list[Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2_000)]] | None
     ) = Field(default=None, max_length=1_000)
-    forbidden: list[ShortText] | None = Field(default=None, max_length=200)
+    forbidden: list[Term] | None = Field(default=None, max_length=200)
     policy: Policy | None = None
-    enabled: bool | None = None
+    enabled: StrictBool | None = None
 
 
 class Target(TargetSpec):
-    """A stored target; `version` grows by one with every change to it."""
+    """A stored target; `version` grows by one with every change to it. Read back without the
+    edge's checks on forbidden strings (see the module's docstring)."""
 
+    name: ShortText
+    aliases: list[ShortText] = Field(default_factory=list, max_length=100)
+    forbidden: list[ShortText] = Field(default_factory=list, max_length=200)
+    enabled: bool = True
     id: str
     version: int
     created_at: datetime

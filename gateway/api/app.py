@@ -9,7 +9,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
-from lethe.gateway.api import ops
+from lethe.gateway.api import docs, ops
 from lethe.gateway.api.admin import checkpoints as admin_checkpoints
 from lethe.gateway.api.admin import jobs as admin_jobs
 from lethe.gateway.api.admin import targets as admin_targets
@@ -83,7 +83,7 @@ def create_app(
             stack.push_async_callback(watcher.stop)
             yield
 
-    app = FastAPI(title="Lethe", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="Lethe", version="0.1.0", lifespan=lifespan, **docs.fastapi_options(settings))
     app.state.api_keys = settings.api_key_set()
     app.state.metrics = metrics
     install_error_handlers(app)
@@ -93,6 +93,7 @@ def create_app(
     app.include_router(ops.router)
     for admin_routes in (admin_targets.router, admin_jobs.router, admin_checkpoints.router):
         app.include_router(admin_routes)
+    docs.install(app, settings)
     app.add_middleware(ServingLeases)
     app.add_middleware(
         BodySizeLimit, max_bytes=settings.max_body_bytes, max_admin_bytes=settings.max_admin_body_bytes

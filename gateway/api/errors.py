@@ -8,11 +8,12 @@ import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lethe.gateway.runtime.guard_runtime import GuardFailure
-from lethe.models.engine import EngineError
+from lethe.models.engine import EngineError, EngineUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +39,13 @@ class APIError(Exception):
     def body(self) -> dict[str, dict[str, str | None]]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+    def response(self) -> Response:
+        # Text that cannot be encoded (a lone surrogate echoed from a request) must not turn an
+        # error into a failure to send it.
+        content = json.dumps(self.body(), ensure_ascii=False, separators=(",", ":"))
+        return Response(
+            content.encode("utf-8", "replace"), status_code=self.status, media_type="application/json"
+        )
 
 
 class UnsupportedParameter(ValueError):
@@ -95,28 +101,73 @@ def as_api_error(error: Exception) -> APIError:
         return error
     if isinstance(error, GuardFailure):
         return APIError(503, str(error), type_="server_error", code="guard_unavailable")
+    if isinstance(error, EngineUnavailable):  # down or restarting: a retry may succeed
+        return APIError(
+            503, f"The engine is not available: {error}", type_="server_error", code="engine_unavailable"
+        )
     if isinstance(error, EngineError):
         return APIError(500, f"Generation failed: {error}", type_="server_error", code="engine_error")
     logger.error("unexpected error", exc_info=error)
     return APIError(500, "The server had an error while processing your request.", type_="server_error")
 
 
+class UnexpectedErrors:
+    """Pure ASGI middleware: an exception no handler took becomes the JSON 500 of `as_api_error`
+    here, and goes no further. Starlette's own last-resort handler sends the same response but then
+    re-raises, and uvicorn closes the connection on any exception: the client's next request on
+    that keep-alive connection would find it reset. Only a response already under way when the
+    failure came (its body cut short) still ends the connection, as it must."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = finished = False
+
+        async def sending(message: Message) -> None:
+            nonlocal started, finished
+            if message["type"] == "http.response.start":
+                started = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                finished = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as error:
+            if started and not finished:
+                raise
+            logger.warning("request %s %s failed", scope.get("method"), scope.get("path"))
+            failure = as_api_error(error)  # logs the traceback of an unexpected error
+            if not started:
+                await failure.response()(scope, receive, send)
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    """The handlers of every error type, and the middleware that keeps unexpected errors from
+    closing the connection (added first, so that it sits right around the routes)."""
+
     @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    async def _api_error(request: Request, exc: APIError) -> Response:
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
         return validation_error(exc).response()
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         type_, code = _STATUS_TYPES.get(exc.status_code, ("invalid_request_error", None))
         detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         return APIError(exc.status_code, detail, type_=type_, code=code).response()
 
     @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse | Response:
+        # Reached only by a failure outside UnexpectedErrors (in an outer middleware).
         logger.warning("request %s %s failed", request.method, request.url.path)
         return as_api_error(exc).response()
+
+    app.add_middleware(UnexpectedErrors)

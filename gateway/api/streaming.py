@@ -29,28 +29,33 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 """No proxy may cache or buffer a token stream (`X-Accel-Buffering` is nginx's switch)."""
 
 
-async def sse_errors_closed(events: AsyncIterator[str]) -> AsyncIterator[str]:
-    """Once streaming has started the status is sent; any failure becomes an `error` event, never
-    a truncated stream that looks complete (fail closed)."""
+async def sse_errors_closed(events: AsyncIterator[str]) -> AsyncIterator[bytes]:
+    """Once streaming has started the status is sent; any failure, whatever its type, becomes an
+    `error` event, never a truncated stream that looks complete (fail closed). Events are encoded
+    here, so that text that cannot be sent (a lone surrogate) fails inside this guard too. Only
+    cancellation (the client left, the server stops) ends a stream without one."""
     try:
         async for event in events:
-            yield event
-    except Exception as error:
-        yield sse(as_api_error(error).body())
-    yield SSE_DONE
+            yield event.encode("utf-8")
+    except (asyncio.CancelledError, GeneratorExit, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as error:
+        failure = error if isinstance(error, Exception) else RuntimeError(repr(error))
+        yield sse(as_api_error(failure).body()).encode("utf-8")
+    yield SSE_DONE.encode("utf-8")
 
 
-async def with_keep_alive(events: AsyncIterator[str], interval: float) -> AsyncIterator[str]:
+async def with_keep_alive(events: AsyncIterator[bytes], interval: float) -> AsyncIterator[bytes]:
     """`events`, with a comment line whenever `interval` seconds pass without one."""
     iterator = aiter(events)
-    pending: asyncio.Future[str] | None = None
+    pending: asyncio.Future[bytes] | None = None
     try:
         while True:
             if pending is None:
                 pending = asyncio.ensure_future(anext(iterator))
             done, _ = await asyncio.wait({pending}, timeout=interval)
             if not done:
-                yield SSE_KEEP_ALIVE
+                yield SSE_KEEP_ALIVE.encode("utf-8")
                 continue
             try:
                 event = pending.result()

@@ -6,6 +6,7 @@ import argparse
 import logging
 import signal
 from types import FrameType
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -54,6 +55,25 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
+KEEP_ALIVE_SECONDS = 5.0
+"""uvicorn's default: an idle keep-alive connection closes this long after its last answer."""
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """How `lethe serve` runs uvicorn (tests start in-process servers the same way): idle and slow
+    clients are cut off after LETHE_CLIENT_TIMEOUT_SECONDS (gateway/cli/client_timeout.py)."""
+    from lethe.gateway.cli.client_timeout import protocol_with_deadline
+
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "timeout_graceful_shutdown": 10,
+        "http": protocol_with_deadline(settings.client_timeout_seconds),
+        "timeout_keep_alive": min(KEEP_ALIVE_SECONDS, settings.client_timeout_seconds),
+    }
+
+
 class _Terminated(Exception):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
@@ -77,7 +97,11 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if settings.torch_threads:
+    if settings.engine_process is None:  # the default under `lethe serve`: the engine in its own process
+        settings = settings.model_copy(update={"engine_process": settings.engine == "hf"})
+    if settings.engine_process and settings.engine == "hf":
+        torch.set_num_threads(1)  # the engine's child process owns the cores (LETHE_TORCH_THREADS)
+    elif settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it under the handler found before it
     # started: this one, so that the worker child is stopped before this process goes.
@@ -85,13 +109,7 @@ def run(args: argparse.Namespace) -> int:
     worker = start_child(overrides) if settings.worker else None
     received: int | None = None
     try:
-        uvicorn.run(
-            create_app(settings),
-            host=settings.host,
-            port=settings.port,
-            log_level=settings.log_level,
-            timeout_graceful_shutdown=10,
-        )
+        uvicorn.run(create_app(settings), **uvicorn_options(settings))
     except _Terminated as terminated:
         received = terminated.signum
     finally:

@@ -12,6 +12,11 @@ rejected for a switch: a request sees either the old context or the new one.
 Ordering of a promote: load first, then write the store (compare-and-set on the checkpoint that
 was serving when the promote began), then swap. A checkpoint that does not load is refused before
 any replica is told about it; two promotes racing on different replicas cannot both win.
+
+An engine that dies while serving (its process killed, out of memory, a native fault) is noticed
+within WATCH_SECONDS: requests in flight on it have already failed with a 503, /healthz answers
+503 until a new engine on the same checkpoint has started, and the switcher swaps it in as for a
+promote, without touching the store (`lethe_engine_restarts_total`).
 """
 
 from __future__ import annotations
@@ -40,6 +45,10 @@ GuardFactory = Callable[[Engine], GuardRuntime]
 
 RETRY_SECONDS = 30.0
 """After failing to load a checkpoint promoted elsewhere, wait this long before trying again."""
+WATCH_SECONDS = 0.25
+"""How often the serving engine's health is read."""
+RESTART_BACKOFF_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0)
+"""Waits between failed attempts to restart a dead engine (the last one repeats)."""
 
 
 class CheckpointCatalog(Protocol):
@@ -101,6 +110,7 @@ class ModelSwitcher:
         self._retiring: set[asyncio.Task[None]] = set()
         self._seen_revision = -1
         self._failed: tuple[str, float] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
 
     @property
     def current(self) -> ServingContext:
@@ -148,8 +158,13 @@ class ModelSwitcher:
             time.perf_counter() - started,
         )
         self._publish(self._context(engine, guard, serving.checkpoint))
+        self._watchdog = asyncio.create_task(self._watch(), name="lethe-engine-watchdog")
 
     async def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            await asyncio.gather(self._watchdog, return_exceptions=True)
+            self._watchdog = None
         async with self._lock:
             for task in list(self._retiring):
                 task.cancel()
@@ -253,6 +268,54 @@ class ModelSwitcher:
 
     async def _shutdown(self, ctx: ServingContext) -> None:
         await ctx.engine.shutdown()
+
+    # ------------------------------------------------------------------ engine crashes
+    async def _watch(self) -> None:
+        """Restart the serving engine whenever it is found dead (backing off while restarts fail)."""
+        failures = 0
+        while True:
+            delay = WATCH_SECONDS
+            if failures:
+                delay = RESTART_BACKOFF_SECONDS[min(failures, len(RESTART_BACKOFF_SECONDS)) - 1]
+            await asyncio.sleep(delay)
+            ctx = self._current
+            if ctx is None or ctx.engine.is_healthy():
+                failures = 0
+                continue
+            try:
+                await self._restart(ctx)
+                failures = 0
+            except Exception:
+                failures += 1
+                self._metrics.engine_restarts.labels("error").inc()
+                logger.exception(
+                    "restarting the engine of checkpoint %s failed (attempt %d)", ctx.checkpoint, failures
+                )
+
+    async def _restart(self, dead: ServingContext) -> None:
+        async with self._lock:
+            if self._current is not dead or dead.engine.is_healthy():
+                return  # replaced by a promote meanwhile, or it recovered
+            logger.error("the engine serving checkpoint %s is down: starting a new one", dead.checkpoint)
+            started = time.perf_counter()
+            path = await asyncio.to_thread(self.resolve, dead.checkpoint)
+            engine = self._build_engine(path, self._model_name)
+            try:
+                await engine.start()
+                guard = self._build_guard(engine)
+                await guard.start()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await engine.shutdown()
+                raise
+            self._publish(self._context(engine, guard, dead.checkpoint))
+            self._metrics.engine_restarts.labels("ok").inc()
+            logger.info(
+                "engine restarted on checkpoint %s in %.1f s", dead.checkpoint, time.perf_counter() - started
+            )
+            task = asyncio.create_task(self._retire(dead))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
 
     # ------------------------------------------------------------------ following other replicas
     async def follow(self, serving: ServingCheckpoint) -> None:

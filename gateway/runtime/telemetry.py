@@ -65,6 +65,12 @@ class Metrics:
             "Sequences queued for admission to the batch.",
             registry=self.registry,
         )
+        self.engine_restarts = Counter(
+            "lethe_engine_restarts",
+            "Restarts of a serving engine that died (its process crashed or was killed), by result ok/error.",
+            ["result"],
+            registry=self.registry,
+        )
 
         self.jobs = Gauge(
             "lethe_jobs", "Unlearning jobs in the store, by state.", ["state"], registry=self.registry

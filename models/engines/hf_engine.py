@@ -4,6 +4,9 @@ A single scheduler thread owns the model. Each iteration it admits waiting reque
 together), picks one token for every running row, streams the increments back to the asyncio
 side, drops finished or abandoned rows, and runs one decode step for the rest. A request arriving
 mid-generation therefore joins the running batch at the next step instead of waiting for it.
+
+The same engine runs in-process (tests, notebooks) or inside the child process of
+`lethe.models.engines.engine_process`, which drives it through `submit` and `step_done`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from lethe.models.decoding.logits_rules import SequenceSampler
 from lethe.models.decoding.sequence import SequenceProgress
 from lethe.models.engine import (
     EngineError,
+    EngineUnavailable,
     GenerationOutput,
     GenerationRequest,
     HookHandle,
@@ -88,10 +92,21 @@ class TransformersEngine(TokenizerMethods):
         self._cache_argument = "cache"
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self.step_done: Callable[[], None] | None = None
+        """Called on the scheduler thread after each iteration (and once more when it stops), after
+        the sinks of that iteration: the child-process server sends a step's outputs as one message."""
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
         await asyncio.to_thread(self._load)
+        self._start_scheduler()
+
+    def start_blocking(self) -> None:
+        """`start` for a caller without an event loop (the engine's child process)."""
+        self._load()
+        self._start_scheduler()
+
+    def _start_scheduler(self) -> None:
         self._thread = threading.Thread(target=self._run, name="lethe-engine", daemon=True)
         self._thread.start()
 
@@ -116,10 +131,13 @@ class TransformersEngine(TokenizerMethods):
             model(input_ids=torch.tensor([[0]]), use_cache=False)
 
     async def shutdown(self) -> None:
+        await asyncio.to_thread(self.shutdown_blocking)
+
+    def shutdown_blocking(self, timeout: float = 30) -> None:
         self._stopping.set()
         self._inbox.put(None)
         if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 30)
+            self._thread.join(timeout)
 
     def is_healthy(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
@@ -128,18 +146,14 @@ class TransformersEngine(TokenizerMethods):
         return len(self._running), self._inbox.qsize()
 
     # ----------------------------------------------------------------- requests
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+    def submit(self, request: GenerationRequest, sink: Sink) -> _Sequence:
+        """Queue a request; the scheduler thread calls `sink` with each output, or with the error
+        that ends it. Setting `cancelled` on the returned handle drops it at the next step."""
         if not self.is_healthy():
-            raise EngineError("the engine is not running")
+            raise EngineUnavailable("the engine is not running")
         assert self.tokenizer is not None
         if len(request.prompt_ids) + request.sampling.max_tokens > self.max_context:
             raise EngineError("prompt plus max_tokens exceeds the model's context")
-        loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue[GenerationOutput | BaseException] = asyncio.Queue()
-
-        def sink(item: GenerationOutput | BaseException) -> None:
-            loop.call_soon_threadsafe(outputs.put_nowait, item)
-
         progress = SequenceProgress(request, self.tokenizer, self._eos_ids, self.max_context)
         sequence = _Sequence(
             progress=progress,
@@ -149,6 +163,16 @@ class TransformersEngine(TokenizerMethods):
             ),
         )
         self._inbox.put(sequence)
+        return sequence
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[GenerationOutput | BaseException] = asyncio.Queue()
+
+        def sink(item: GenerationOutput | BaseException) -> None:
+            loop.call_soon_threadsafe(outputs.put_nowait, item)
+
+        sequence = self.submit(request, sink)
         finished = False
         try:
             while True:
@@ -166,6 +190,9 @@ class TransformersEngine(TokenizerMethods):
 
     # ----------------------------------------------------------------- hooks
     async def add_layer_hook(self, layer_index: int, hook: LayerHook) -> HookHandle:
+        return self.install_layer_hook(layer_index, hook)
+
+    def install_layer_hook(self, layer_index: int, hook: LayerHook) -> _LocalHook:
         assert self.model is not None
         layers = self.model.model.layers
 
@@ -184,12 +211,16 @@ class TransformersEngine(TokenizerMethods):
             with torch.inference_mode():
                 while not self._stopping.is_set():
                     self._step()
+                    if self.step_done is not None:
+                        self.step_done()
         except BaseException as error:  # the loop must never die silently: fail everyone waiting
             logger.exception("engine loop crashed")
-            self._fail_all(EngineError(f"engine loop crashed: {error}"))
+            self._fail_all(EngineUnavailable(f"engine loop crashed: {error}"))
             raise
         finally:
-            self._fail_all(EngineError("the engine stopped"))
+            self._fail_all(EngineUnavailable("the engine stopped"))
+            if self.step_done is not None:
+                self.step_done()
 
     def _step(self) -> None:
         new = self._admit()

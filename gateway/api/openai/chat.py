@@ -28,6 +28,7 @@ from lethe.gateway.api.openai.serving import (
     cancel_on_disconnect,
     check_engine,
     check_model,
+    check_sequences,
     guarded_choices,
     merged_outputs,
     new_id,
@@ -58,6 +59,7 @@ def chat_logprobs(engine: Engine, logprobs: tuple[TokenLogprob, ...]) -> list[Ch
 async def _prepare(ctx: ServingContext, body: ChatCompletionRequest) -> GuardedChoices:
     check_model(ctx, body.model)
     check_engine(ctx)
+    check_sequences(ctx, 1, body.n)
     messages = [
         {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages
     ]

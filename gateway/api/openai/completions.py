@@ -23,6 +23,8 @@ from lethe.gateway.api.openai.serving import (
     cancel_on_disconnect,
     check_engine,
     check_model,
+    check_sequences,
+    check_tokens,
     guarded_choices,
     merged_outputs,
     new_id,
@@ -79,6 +81,9 @@ async def _prepare(
         prompts = body.prompts()
     except ValueError as error:
         raise APIError(400, str(error), param="prompt") from error
+    check_sequences(ctx, len(prompts), body.n)
+    max_tokens = body.max_tokens if body.max_tokens is not None else 16  # the API's documented default
+    vocabulary = ctx.engine.vocab_size
     request_id = new_id("cmpl")
     batches: list[GuardedChoices] = []
     echoes: list[str] = []
@@ -88,8 +93,13 @@ async def _prepare(
             prompt_ids = ctx.engine.encode_text(prompt)
             echo_text = prompt
         else:
-            if any(t < 0 for t in prompt):
-                raise APIError(400, "prompt: token ids must not be negative.", param="prompt")
+            if any(not 0 <= t < vocabulary for t in prompt):
+                raise APIError(
+                    400,
+                    f"prompt: token ids must be between 0 and {vocabulary - 1}, the model's vocabulary.",
+                    param="prompt",
+                    code="invalid_value",
+                )
             prompt_ids = list(prompt)
             echo_text = "".join(ctx.engine.decode_token(t) for t in prompt_ids)
         if not prompt_ids:
@@ -97,7 +107,7 @@ async def _prepare(
         params = sampling_params(
             ctx,
             prompt_tokens=len(prompt_ids),
-            max_tokens=body.max_tokens if body.max_tokens is not None else 16,  # the API's documented default
+            max_tokens=max_tokens,
             temperature=body.temperature,
             top_p=body.top_p,
             presence_penalty=body.presence_penalty,
@@ -113,6 +123,7 @@ async def _prepare(
         )
         echoes += [echo_text if body.echo else ""] * body.n
         prompt_tokens += len(prompt_ids)
+        check_tokens(ctx, body.n * (prompt_tokens + (number + 1) * max_tokens))
     ctx.metrics.prompt_tokens.inc(prompt_tokens)
     return request_id, batches, echoes, prompt_tokens
 

@@ -43,6 +43,14 @@ async def guard_decision(ctx: ServingContext, texts: Sequence[str]) -> tuple[Gua
     if ctx.guard is None:
         return None, NOTHING_FIRED
     index = ctx.guard.index
+    if index.unenforceable:  # fail closed: which requests touch such a target cannot be known
+        raise APIError(
+            503,
+            "A registered forget target cannot be enforced, so no request is answered until the "
+            "operator fixes or deletes it (the gateway's log names it).",
+            type_="server_error",
+            code="guard_unavailable",
+        )
     return index, await GuardRuntime.check_conversation(index, texts)
 
 
@@ -105,6 +113,33 @@ def check_engine(ctx: ServingContext) -> None:
         )
 
 
+def check_sequences(ctx: ServingContext, prompts: int, n: int) -> None:
+    """A request may ask for at most `max_sequences_per_request` sequences (prompts x n)."""
+    limit = ctx.settings.max_sequences_per_request
+    if prompts * n > limit:
+        raise APIError(
+            400,
+            f"This request asks for {prompts * n} sequences ({prompts} prompt(s) x n={n}); at most "
+            f"{limit} per request are allowed. Send fewer prompts or a smaller n.",
+            param="n" if n > 1 else "prompt",
+            code="too_many_sequences",
+        )
+
+
+def check_tokens(ctx: ServingContext, tokens: int) -> None:
+    """A request may ask for at most `max_tokens_per_request` tokens over all its sequences (each
+    sequence's prompt and max_tokens)."""
+    limit = ctx.settings.max_tokens_per_request
+    if tokens > limit:
+        raise APIError(
+            400,
+            f"This request asks for at least {tokens} tokens over all its sequences (prompt and "
+            f"max_tokens of each); at most {limit} per request are allowed.",
+            param="max_tokens",
+            code="too_many_tokens",
+        )
+
+
 def sampling_params(
     ctx: ServingContext,
     *,
@@ -147,6 +182,12 @@ def sampling_params(
     )
 
 
+def choice_seed(seed: int, choice: int) -> int:
+    """The seed of choice `choice` of a request seeded with `seed`: still a signed 64-bit integer
+    (it wraps around), which is what both engines' generators accept."""
+    return (seed + choice + 2**63) % 2**64 - 2**63
+
+
 async def guarded_choices(
     ctx: ServingContext,
     request_id: str,
@@ -162,7 +203,7 @@ async def guarded_choices(
         GenerationRequest(
             f"{request_id}-{choice}",
             tuple(prompt_ids),
-            params if params.seed is None else replace(params, seed=params.seed + choice),
+            params if params.seed is None else replace(params, seed=choice_seed(params.seed, choice)),
             decision.plan,
         )
         for choice in range(n)
