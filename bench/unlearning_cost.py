@@ -45,7 +45,7 @@ def measure_one(method: str, docs: int, retain: int, max_length: int, threads: i
     path = embedded_checkpoint(Settings().home)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    folders = [str(f) for f in sorted((data / "rwku").iterdir()) if is_rwku_folder(str(f))]
+    folders = [f.name for f in sorted((data / "rwku").iterdir()) if is_rwku_folder(str(f))]
     store = open_store(Settings(database=Path("/tmp/lethe-bench-unlearning.db")))
     sets = [t.forget for t in resolve_targets(folders, store, data)]
     store.close()

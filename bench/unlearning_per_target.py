@@ -35,7 +35,7 @@ def run_missing(method: str, target: Path, out: Path, extra: Sequence[str]) -> C
     store = CheckpointStore(out / method / target.name)
     done = store.list()
     if not done:
-        command = [sys.executable, "-m", "lethe.gateway.cli.main", "unlearn", method, "--target", str(target)]
+        command = [sys.executable, "-m", "lethe.gateway.cli.main", "unlearn", method, "--target", target.name]
         # The job's own summary goes to stderr with its progress: stdout is the table.
         subprocess.run([*command, "--out", str(store.root), *extra], check=True, stdout=sys.stderr)
         done = store.list()
@@ -114,17 +114,22 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "targets", nargs="*", type=Path, help="RWKU target folders (default: all under --rwku)"
+        "targets", nargs="*", type=Path, help="RWKU target folders under --rwku (default: all of them)"
     )
     parser.add_argument("--methods", nargs="+", default=["ssd", "flat"], choices=["ssd", "flat"])
     parser.add_argument("--out", type=Path, default=Path("eval-runs/unlearning/per-target"))
     parser.add_argument(
         "--rwku",
         type=Path,
-        default=default_data_dir() / "rwku",
-        help="RWKU targets folder [default: $LETHE_EVAL_DATA/rwku, as `lethe unlearn` reads]",
+        default=None,
+        help="RWKU targets folder [default: $LETHE_EVAL_DATA/rwku, where `lethe unlearn` reads them]",
     )
     args = parser.parse_args(own)
+    if args.rwku is None:
+        data = default_data_dir()
+        if data is None:
+            parser.error("set LETHE_EVAL_DATA (as `lethe unlearn` needs it) or pass --rwku")
+        args.rwku = data / "rwku"
     targets = args.targets or sorted(p for p in args.rwku.iterdir() if (p / "passage.json").is_file())
 
     print(

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from lethe.models.engine import Engine
+if TYPE_CHECKING:  # the engine module imports torch; settings and `--help` must not
+    from lethe.models.engine import Engine
 
 
 class EngineConfig(BaseModel):

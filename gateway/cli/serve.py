@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from lethe.gateway.api.app import create_app
-    from lethe.gateway.cli.worker import start_child, stop_child
+    from lethe.gateway.cli.worker import missing_eval_extra, start_child, stop_child
 
     overrides = {name: getattr(args, name) for name in ("host", "port", "model", "engine", "worker")}
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -106,7 +106,13 @@ def run(args: argparse.Namespace) -> int:
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it under the handler found before it
     # started: this one, so that the worker child is stopped before this process goes.
     signal.signal(signal.SIGTERM, _terminated)
-    worker = start_child(overrides) if settings.worker else None
+    worker = None
+    if settings.worker:
+        problem = missing_eval_extra()
+        if problem is None:
+            worker = start_child(overrides)
+        else:  # a serving-only install: jobs wait for a worker elsewhere
+            logging.getLogger(__name__).warning("no job worker started here: %s", problem)
     received: int | None = None
     try:
         uvicorn.run(create_app(settings), **uvicorn_options(settings))

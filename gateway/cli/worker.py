@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import signal
@@ -41,7 +42,26 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
+EVAL_MODULES = ("rouge_score", "nltk")
+"""What a job's before/after evaluation scores with (the `eval` extra), which serving does not need."""
+
+
+def missing_eval_extra() -> str | None:
+    """Why this installation cannot run jobs, or None when it can."""
+    missing = [name for name in EVAL_MODULES if importlib.util.find_spec(name) is None]
+    if not missing:
+        return None
+    return (
+        f"jobs score the model before and after with {', '.join(missing)}, which this installation lacks: "
+        "pip install 'lethe[eval]'"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
+    problem = missing_eval_extra()
+    if problem is not None:
+        print(f"lethe worker: {problem}", file=sys.stderr)
+        return 2
     from lethe.gateway.jobs.worker import Worker, load_runner
     from lethe.gateway.store import open_store
 
