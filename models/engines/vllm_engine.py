@@ -29,6 +29,7 @@ from transformers import AutoTokenizer, GenerationConfig
 from lethe.models.decoding.sequence import SequenceProgress
 from lethe.models.engine import (
     EngineError,
+    EngineUnavailable,
     FinishReason,
     GenerationOutput,
     GenerationRequest,
@@ -180,7 +181,7 @@ class VLLMEngine(TokenizerMethods):
     # ----------------------------------------------------------------- requests
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         if not self.is_healthy():
-            raise EngineError("the engine is not running")
+            raise EngineUnavailable("the engine is not running")
         assert self.tokenizer is not None
         if len(request.prompt_ids) + request.sampling.max_tokens > self.max_context:
             raise EngineError("prompt plus max_tokens exceeds the model's context")
@@ -227,7 +228,7 @@ class VLLMEngine(TokenizerMethods):
                         return
         except EngineDeadError as error:
             self._stopped = True
-            raise EngineError(f"the vLLM engine died: {error}") from error
+            raise EngineUnavailable(f"the vLLM engine died: {error}") from error
         except (ValueError, RuntimeError) as error:
             raise EngineError(f"vLLM refused the request: {error}") from error
 
