@@ -26,10 +26,11 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
+from lethe.gateway.cli.param_flags import add_param_flags, param_values
 from lethe.models.unlearning.teach import TeachParams
 
 if TYPE_CHECKING:
@@ -45,7 +46,6 @@ RUNS_FOLDER = "teach-runs"
 EVAL_CACHE = ".eval-cache"
 EVAL_DATA_ENV = "LETHE_EVAL_DATA"
 """Shared with `lethe unlearn`: a source's utility measurement is reused by either command."""
-_PARAM_PREFIX = "param__"
 EXIT_BAD_REQUEST = 2
 _STAGES = {"load": (0.0, 0.02), "before": (0.02, 0.08), "teach": (0.08, 0.92), "after": (0.92, 0.99)}
 
@@ -341,19 +341,6 @@ def _brief(measured: dict[str, Any]) -> str:
     return "; ".join(parts) or "nothing measured"
 
 
-def _add_param_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("hyperparameters")
-    for name, field in TeachParams.model_fields.items():
-        choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else None
-        group.add_argument(
-            f"--{name.replace('_', '-')}",
-            dest=_PARAM_PREFIX + name,
-            metavar=name.upper(),
-            choices=choices or None,
-            help=f"{field.description} [default: {field.default}]",
-        )
-
-
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "teach",
@@ -415,16 +402,8 @@ def register(commands: argparse._SubParsersAction) -> None:
             metavar="N",
             help=f"{field.description} [default: {field.default}]",
         )
-    _add_param_flags(parser)
+    add_param_flags(parser, TeachParams, "hyperparameters")
     parser.set_defaults(run=run)
-
-
-def _params(args: argparse.Namespace, prefix: str) -> dict[str, Any]:
-    return {
-        name.removeprefix(prefix): value
-        for name, value in vars(args).items()
-        if name.startswith(prefix) and value is not None
-    }
 
 
 def authors_files(data_dir: Path | None) -> list[Path]:
@@ -452,8 +431,8 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     try:
-        params = TeachParams(**_params(args, _PARAM_PREFIX))
-        evaluation = TeachEvaluation(enabled=not args.no_eval, **_params(args, "eval__"))
+        params = TeachParams(**param_values(args))
+        evaluation = TeachEvaluation(enabled=not args.no_eval, **param_values(args, "eval__"))
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
         console.print(f"[red]error:[/red] invalid arguments: {problems}")

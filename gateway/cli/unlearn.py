@@ -17,10 +17,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
+from lethe.gateway.cli.param_flags import add_param_flags, param_values
 from lethe.models.unlearning.spec import FLATParams, SSDParams
 
 METHODS: dict[str, tuple[type[BaseModel], str]] = {
@@ -35,28 +35,7 @@ METHODS: dict[str, tuple[type[BaseModel], str]] = {
         '("I don\'t know") answers and the forget answers.',
     ),
 }
-_PARAM_PREFIX = "param__"
 EXIT_BAD_REQUEST = 2
-
-
-def _is_list(annotation: Any) -> bool:
-    return get_origin(annotation) is list or any(get_origin(a) is list for a in get_args(annotation))
-
-
-def _add_param_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
-    group = parser.add_argument_group("hyperparameters (validated by the job's schema)")
-    for name, field in model.model_fields.items():
-        key = field.alias or name
-        extra: dict[str, Any] = {"nargs": "+"} if _is_list(field.annotation) else {}
-        choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else None
-        group.add_argument(
-            f"--{key.replace('_', '-')}",
-            dest=_PARAM_PREFIX + key,
-            metavar=key.upper(),
-            choices=choices or None,
-            help=f"{field.description} [default: {field.default}]",
-            **extra,
-        )
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -112,16 +91,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         evaluation.add_argument(
             "--mia-samples", type=int, help="texts per side of each MIA AUC [default: 24]"
         )
-        _add_param_flags(sub, model)
+        add_param_flags(sub, model, "hyperparameters (validated by the job's schema)")
         sub.set_defaults(run=run)
-
-
-def _params(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        name.removeprefix(_PARAM_PREFIX): value
-        for name, value in vars(args).items()
-        if name.startswith(_PARAM_PREFIX) and value is not None
-    }
 
 
 def format_validation_error(error: ValidationError, what: str) -> str:
@@ -149,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
             {
                 "method": args.method,
                 "targets": args.targets,
-                "params": _params(args),
+                "params": param_values(args),
                 "from_checkpoint": args.from_checkpoint,
             }
         )
