@@ -22,7 +22,7 @@ from lethe.guards.targets import TargetSpec
 from lethe.models.checkpoints import CheckpointStore
 from tests.jobs.conftest import ADMIN, ADMIN_KEY, HARRY, QUICK_FLAT
 from tests.support.paths import REPO
-from tests.support.processes import alive, children
+from tests.support.processes import alive, workers
 from tests.support.server import start_server
 
 pytestmark = pytest.mark.e2e
@@ -120,7 +120,7 @@ def gateway(tiny_model_dir: Path, tmp_path: Path) -> Iterator[Any]:
 
 def test_serve_runs_jobs_in_its_worker_and_stops_it(gateway: Any) -> None:
     """The whole operator flow on one `lethe serve`: register, submit, watch, promote the result."""
-    (worker_pid,) = children(gateway.process.pid)
+    (worker_pid,) = workers(gateway.process.pid)
     root = gateway.root_url
     with httpx.Client(base_url=root, headers=ADMIN, timeout=60) as http:
         assert http.post("/admin/targets", json=HARRY).status_code == 201
@@ -158,7 +158,7 @@ def test_serve_runs_jobs_in_its_worker_and_stops_it(gateway: Any) -> None:
 def test_serve_without_a_worker(tiny_model_dir: Path, tmp_path: Path) -> None:
     server = start_server(tiny_model_dir, tmp_path, tmp_path / "serve.log", LETHE_WORKER="false")
     try:
-        assert children(server.process.pid) == []
+        assert workers(server.process.pid) == []
     finally:
         server.stop()
 
@@ -167,7 +167,7 @@ def test_a_worker_exits_when_its_serve_parent_is_killed(tiny_model_dir: Path, tm
     server = start_server(
         tiny_model_dir, tmp_path, tmp_path / "serve.log", LETHE_WORKER="true", LETHE_WORKER_POLL_SECONDS="0.2"
     )
-    (worker_pid,) = children(server.process.pid)
+    (worker_pid,) = workers(server.process.pid)
     server.process.kill()
     server.process.wait()
     wait_for(lambda: not alive(worker_pid), timeout=20, what="the orphaned worker to exit")

@@ -24,6 +24,18 @@ def children(pid: int) -> list[int]:
     return [child for child, parent in _parents().items() if parent == pid]
 
 
+def _command(pid: int) -> list[str]:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return []
+
+
+def workers(pid: int) -> list[int]:
+    """The `lethe worker` children of `pid` (a gateway also has its engine's processes)."""
+    return [child for child in children(pid) if "worker" in _command(child)[3:4]]
+
+
 def descendants(pid: int) -> set[int]:
     """Every live process below `pid` (children of children included)."""
     parents = _parents()
