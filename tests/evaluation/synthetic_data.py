@@ -60,6 +60,18 @@ TOFU = {
 INSTRUCTIONS = ["Write a haiku about rain.", "List three prime numbers."]
 
 
+def chat_completion(response_id: str, model: str, text: str) -> dict[str, object]:
+    """A chat completion body as an OpenAI server answers, for the fake servers of these tests."""
+    return {
+        "id": response_id,
+        "object": "chat.completion",
+        "created": 0,
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
+
+
 def _dump(path: Path, data: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")

@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from lethe.evaluation import cli, metrics, scoring, suites
 from lethe.evaluation.datasets import DataError
 from lethe.evaluation.records import EvalResults, Probe
+from tests.evaluation.synthetic_data import chat_completion
 
 ADMIN_KEY = "admin-secret"
 CITIES = ["Lyon", "Quito", "Perth", "Minsk", "Cusco", "Turin", "Dakar", "Hanoi", "Riga", "Split"]
@@ -170,22 +171,7 @@ class ScriptedServer:
                         "time": "2999-01-01T00:00:00+00:00",
                     }
                 )
-            return JSONResponse(
-                {
-                    "id": response_id,
-                    "object": "chat.completion",
-                    "created": 0,
-                    "model": body["model"],
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": {"role": "assistant", "content": text},
-                            "finish_reason": "stop",
-                        }
-                    ],
-                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-                }
-            )
+            return JSONResponse(chat_completion(response_id, body["model"], text))
 
         @app.post("/admin/targets")
         async def register(request: Request) -> Response:

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from lethe.evaluation import cli, suites
 from lethe.evaluation.datasets import rwku_targets
 from lethe.evaluation.records import EvalResults, Probe
-from tests.evaluation.synthetic_data import write_eval_data
+from tests.evaluation.synthetic_data import chat_completion, write_eval_data
 
 ADMIN_KEY = "admin-secret"
 REFUSED_INSTRUCTION = "Instruction: List three prime numbers.\n"
@@ -89,22 +89,7 @@ class ScriptedServer:
                 text = f"Here is my answer to {prompt.strip()} Rain falls softly on the old roof."
             for stop in body.get("stop") or ():
                 text = text.split(stop, 1)[0]
-            return JSONResponse(
-                {
-                    "id": response_id,
-                    "object": "chat.completion",
-                    "created": 0,
-                    "model": body["model"],
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": {"role": "assistant", "content": text},
-                            "finish_reason": "stop",
-                        }
-                    ],
-                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-                }
-            )
+            return JSONResponse(chat_completion(response_id, body["model"], text))
 
         @app.post("/admin/targets")
         async def register(request: Request) -> Response:
