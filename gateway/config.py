@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lethe.guards.config import DetectionConfig, GuardConfig
+from lethe.guards.features import SelectionConfig
 from lethe.models.loading import EngineConfig
 
 
@@ -140,6 +141,21 @@ class Settings(BaseSettings):
         default_factory=GuardConfig,
         description="What a fired target restricts: key terms, semantic penalty and its similarity,"
         " the refusal text (LETHE_GUARD__PENALTY=6, LETHE_GUARD__REFUSAL=...).",
+    )
+    sae: Path | None = Field(
+        default=None,
+        description="A sparse autoencoder folder in sae-lens's format (cfg.json + sae_weights.safetensors)"
+        " on the residual stream after one layer of the served model (`lethe sae train` writes one):"
+        " fired targets' features are clamped inside the model. Empty: no SAE.",
+    )
+    sae_features: SelectionConfig = Field(
+        default_factory=SelectionConfig,
+        description="How each target's SAE features are chosen (LETHE_SAE_FEATURES__MAX_FEATURES=20).",
+    )
+    sae_retain_text: Path | None = Field(
+        default=None,
+        description="A text file of general prose (paragraphs apart by blank lines) added to the built-in"
+        " text against which a target's SAE features must stay silent.",
     )
 
     worker: bool = Field(

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lethe.guards.config import GuardConfig
+from lethe.guards.features import TargetFeatures
 from lethe.guards.forbidden import banned_token_sequences, spelling_variants
 from lethe.guards.key_terms import key_terms
 from lethe.guards.plan import GuardPlan
@@ -53,6 +54,7 @@ class CompiledTarget:
     forbidden_names: tuple[str, ...]
     banned_sequences: tuple[tuple[int, ...], ...]
     penalized_tokens: tuple[int, ...]
+    sae_clamp: tuple[tuple[int, float], ...] = ()
 
 
 def _close_tokens(anchor_ids: set[int], vocabulary: Vocabulary | None, threshold: float) -> tuple[int, ...]:
@@ -81,11 +83,19 @@ def _name_words(strings: Sequence[str], min_chars: int) -> tuple[str, ...]:
 
 
 def compile_target(
-    target: Target, encode: Encode, vocabulary: Vocabulary | None, config: GuardConfig
+    target: Target,
+    encode: Encode,
+    vocabulary: Vocabulary | None,
+    config: GuardConfig,
+    features: TargetFeatures | None = None,
 ) -> CompiledTarget:
     """Everything about one target that does not depend on the request, computed at registration.
     Raises UnenforceableTarget rather than compile a string that would match everywhere; key terms
-    mined from the documents that could not be forbidden strings are left out."""
+    mined from the documents that could not be forbidden strings are left out. `features` are the
+    target's SAE features under the served SAE, if any; they are clamped unless the target asks for
+    decoding restrictions only, and a target that asks for the clamp only gets no decoding
+    restriction at all (not even its name matched in answers), so that each mechanism can be
+    measured alone."""
     for field, texts in (
         ("name", [target.name]),
         ("alias", target.aliases),
@@ -94,6 +104,18 @@ def compile_target(
         for text in texts:
             if (problem := term_problem(text)) is not None:
                 raise UnenforceableTarget(target.id, field, text, problem)
+    clamp = features.clamp(config.sae_clamp_multiple) if features and target.suppression != "decoding" else ()
+    if target.suppression == "sae":
+        return CompiledTarget(
+            target_id=target.id,
+            policy=target.policy,
+            forbidden_strings=(),
+            forbidden_words=(),
+            forbidden_names=(),
+            banned_sequences=(),
+            penalized_tokens=(),
+            sae_clamp=clamp,
+        )
     strings = tuple(dict.fromkeys([target.name, *target.aliases, *target.forbidden]))
     registered = {s.casefold() for s in strings}
     words = tuple(
@@ -115,6 +137,7 @@ def compile_target(
     return CompiledTarget(
         target_id=target.id,
         policy=target.policy,
+        sae_clamp=clamp,
         forbidden_strings=strings,
         forbidden_words=words,
         forbidden_names=_name_words([target.name, *target.aliases], config.misspelt_name_min_chars),
@@ -135,4 +158,14 @@ def plan_for(fired: Sequence[CompiledTarget], config: GuardConfig) -> GuardPlan:
         forbidden_names=tuple(dict.fromkeys(w for t in fired for w in t.forbidden_names)),
         penalized_tokens=tuple(sorted({i for t in fired for i in t.penalized_tokens})),
         penalty=config.penalty,
+        sae_clamp=_merged_clamp(fired),
     )
+
+
+def _merged_clamp(fired: Sequence[CompiledTarget]) -> tuple[tuple[int, float], ...]:
+    """One value per feature: where two fired targets share a feature, the stronger clamp."""
+    values: dict[int, float] = {}
+    for target in fired:
+        for feature, value in target.sae_clamp:
+            values[feature] = min(value, values.get(feature, value))
+    return tuple(sorted(values.items()))

@@ -86,6 +86,12 @@ class GuardConfig(BaseModel):
     penalty_similarity: float = Field(
         default=0.6, ge=0.0, le=1.0, description="Input-embedding cosine from which a token counts as close."
     )
+    sae_clamp_multiple: float = Field(
+        default=4.0,
+        gt=0.0,
+        description="Where a fired target's SAE feature fires, it is set to minus this many times its "
+        "own mean activation on the target's text (a scale per feature: residual norms differ).",
+    )
     refusal: str = Field(
         default="I'm sorry, but I can't help with that request.",
         description="The answer of the refuse policy.",

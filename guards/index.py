@@ -7,13 +7,14 @@ keeps the index it started with, and the next request sees the new one.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Protocol
 
 from lethe.guards.compiler import CompiledTarget, Vocabulary, compile_target, plan_for
 from lethe.guards.config import GuardConfig
+from lethe.guards.features import TargetFeatures
 from lethe.guards.plan import GuardPlan
 from lethe.guards.targets import Target
 
@@ -83,16 +84,21 @@ class GuardIndex:
         encode: Callable[[str], list[int]],
         vocabulary: Vocabulary | None,
         config: GuardConfig,
+        features: Mapping[str, TargetFeatures] | None = None,
     ) -> GuardIndex:
         """Compile every enabled target. One that fails to compile (a string that folds to nothing,
         from a store edited by hand) is left out of detection and matching and recorded in
         `unenforceable`, which makes every decision under this index fail (fail closed) until the
-        operator fixes or deletes it; the other targets still compile, and the admin API works."""
+        operator fixes or deletes it; the other targets still compile, and the admin API works.
+        `features` maps target ids to their SAE features under the served SAE (current versions only)."""
+        features = features or {}
         compiled: dict[str, CompiledTarget] = {}
         unenforceable: dict[str, str] = {}
         for target in (t for t in targets if t.enabled):
             try:
-                compiled[target.id] = compile_target(target, encode, vocabulary, config)
+                compiled[target.id] = compile_target(
+                    target, encode, vocabulary, config, features.get(target.id)
+                )
             except Exception as error:
                 unenforceable[target.id] = str(error)
                 logger.error(

@@ -33,8 +33,14 @@ class GuardPlan(BaseModel):
         default=(), description="Tokens close in meaning to the forbidden content (semantic penalty)."
     )
     penalty: float = Field(default=0.0, ge=0.0, description="Logit penalty subtracted from penalized_tokens.")
+    sae_clamp: tuple[tuple[int, float], ...] = Field(
+        default=(),
+        description="(SAE feature, value) pairs: where the feature fires, the engine's SAE hook sets "
+        "it to the value (negative) and keeps the rest of the residual stream as it was.",
+    )
 
     def is_empty(self) -> bool:
+        """No decoding restriction (the SAE clamp acts inside the model, not on the logits)."""
         return not (
             self.banned_sequences
             or self.forbidden_strings

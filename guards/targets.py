@@ -31,6 +31,11 @@ from lethe.guards.names import normalize
 Policy = Literal["steer", "refuse"]
 """`steer`: decode around the target silently; `refuse`: answer with a refusal template and stop."""
 
+Suppression = Literal["both", "decoding", "sae"]
+"""How a fired `steer` target is kept out of the answer: `decoding` restrictions (forbidden strings,
+token bans, semantic penalty), the `sae` feature clamp inside the model (when the gateway serves an
+SAE), or `both`. Detection is the same for all three."""
+
 ShortText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 LongText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=20_000)]
 
@@ -80,6 +85,7 @@ class TargetFields(BaseModel):
     ] = Field(default_factory=list, max_length=1_000)
     forbidden: list[ShortText] = Field(default_factory=list, max_length=200)
     policy: Policy = "steer"
+    suppression: Suppression = "both"
     enabled: bool = True
 
     @field_validator("aliases", "forbidden")
@@ -115,6 +121,7 @@ class TargetPatch(BaseModel):
     ) = Field(default=None, max_length=1_000)
     forbidden: list[Term] | None = Field(default=None, max_length=200)
     policy: Policy | None = None
+    suppression: Suppression | None = None
     enabled: StrictBool | None = None
 
 

@@ -24,7 +24,9 @@ from lethe.guards.plan import GuardPlan
 from lethe.models.engine import Engine, GenerationOutput, GenerationRequest, SamplingParams
 from lethe.models.engines.engine_process import ProcessEngine
 from lethe.models.engines.hf_engine import TransformersEngine
+from lethe.models.sae.clamp import FeatureClamp
 from tests.support.engines import require_vllm
+from tests.support.sae import random_sae
 
 T = TypeVar("T")
 
@@ -340,3 +342,30 @@ def test_same_plan_same_tokens_as_the_transformers_engine(
     actual = harness.run(collect(engine.generate(request(engine, prompt, "v", plan=plan, max_tokens=30))))
     assert _text_and_tokens(actual) == _text_and_tokens(expected)
     assert actual[-1].suppressed_tokens == expected[-1].suppressed_tokens
+
+
+def test_sae_clamp_changes_fired_requests_only(harness: Harness) -> None:
+    """With an SAE clamp installed, a request whose plan names no features decodes to the same tokens
+    and log-probabilities as with no SAE at all; one that names features decodes differently."""
+    engine = harness.engine
+    plain = request(engine, "Once upon a time", "plain", max_tokens=8, ignore_eos=True, logprobs=3)
+    clamp = tuple((feature, -20.0) for feature in range(0, 256, 2))
+    fired = request(
+        engine, "Once upon a time", "fired", GuardPlan(sae_clamp=clamp), max_tokens=8, ignore_eos=True
+    )
+    without_sae = harness.run(collect(engine.generate(plain)))
+
+    async def run() -> tuple[list[GenerationOutput], list[list[GenerationOutput]]]:
+        handle = await engine.add_layer_hook(0, FeatureClamp(random_sae(64, 256, layer=0)))
+        try:
+            alone = await collect(engine.generate(plain))
+            together = await asyncio.gather(collect(engine.generate(plain)), collect(engine.generate(fired)))
+            return alone, together
+        finally:
+            await handle.remove()
+
+    alone, (plain_beside_fired, fired_out) = harness.run(run())
+    assert tokens_of(alone) == tokens_of(without_sae)
+    assert [o.logprobs for o in alone] == [o.logprobs for o in without_sae]
+    assert tokens_of(plain_beside_fired) == tokens_of(without_sae)
+    assert tokens_of(fired_out) != tokens_of(without_sae)

@@ -21,6 +21,7 @@ from lethe.gateway.api.limits import BodySizeLimit
 from lethe.gateway.api.openai import chat, completions, models
 from lethe.gateway.config import Settings
 from lethe.gateway.runtime.guard_runtime import DetectorFactory, GuardRuntime
+from lethe.gateway.runtime.sae_service import SAEService
 from lethe.gateway.runtime.store_watcher import StoreWatcher
 from lethe.gateway.runtime.switcher import CheckpointCatalog, EngineFactory, ModelSwitcher, checkpoint_catalog
 from lethe.gateway.runtime.telemetry import Metrics, MetricsMiddleware
@@ -53,6 +54,13 @@ def create_app(
             stack.callback(store.close)
             base_path = engine.model_path if engine is not None else resolve_model_path(engine_config)
             detectors = DetectorFactory(settings.detection)
+            sae = None
+            if settings.sae is not None:
+                sae = SAEService(
+                    settings.sae, store, base_path, settings.sae_features, settings.sae_retain_text
+                )
+                metrics.serve_sae(sae.card)
+            app.state.sae = sae
             switcher = ModelSwitcher(
                 settings=settings,
                 store=store,
@@ -63,7 +71,7 @@ def create_app(
                 ),
                 build_engine=engine_factory or (lambda path, name: build_engine(engine_config, path, name)),
                 build_guard=lambda serving_engine: GuardRuntime(
-                    store, serving_engine, detectors, settings.guard
+                    store, serving_engine, detectors, settings.guard, sae
                 ),
                 catalog=checkpoints or (lambda: checkpoint_catalog(settings.home)),
             )
@@ -78,6 +86,10 @@ def create_app(
 
             app.state.watcher = watcher = StoreWatcher(store)
             watcher.on_targets(refresh_guard)
+            if sae is not None:
+                watcher.on_targets(sae.refresh)
+                sae.start()
+                stack.push_async_callback(sae.stop)
             watcher.on_serving(switcher.follow)
             watcher.start()
             stack.push_async_callback(watcher.stop)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from lethe.gateway.store import Store
 from lethe.guards.compiler import Vocabulary
@@ -14,7 +14,10 @@ from lethe.guards.detection import TargetDetector
 from lethe.guards.embedding import default_embedder
 from lethe.guards.index import Decision, Detector, GuardIndex
 from lethe.guards.targets import Target
-from lethe.models.engine import Engine
+from lethe.models.engine import Engine, HookHandle
+
+if TYPE_CHECKING:
+    from lethe.gateway.runtime.sae_service import SAEService
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,8 +51,12 @@ class GuardRuntime:
         engine: Engine,
         build_detector: Callable[[Sequence[Target]], Detector],
         config: GuardConfig,
+        sae: SAEService | None = None,
     ) -> None:
         self._store = store
+        self._engine = engine
+        self.sae = sae
+        self._clamp: HookHandle | None = None
         self._encode = engine.encode_text
         self._decode_token = engine.decode_token
         self._vocab_size = engine.vocab_size
@@ -65,6 +72,9 @@ class GuardRuntime:
         return self._index
 
     async def start(self) -> None:
+        """Install the SAE clamp on the engine (when an SAE is served), then build the index."""
+        if self.sae is not None and self._clamp is None:
+            self._clamp = await self.sae.install(self._engine)
         await self.reload()
 
     async def refresh(self, revision: int) -> None:
@@ -88,8 +98,9 @@ class GuardRuntime:
 
             texts = [self._decode_token(i) for i in range(self._vocab_size)]
             self._vocabulary = Vocabulary.build(input_embeddings(self._model_path), texts)
+        features = self.sae.features() if self.sae is not None else None
         return GuardIndex.build(
-            revision, targets, self._build_detector, self._encode, self._vocabulary, self._config
+            revision, targets, self._build_detector, self._encode, self._vocabulary, self._config, features
         )
 
     @staticmethod

@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from lethe.models.engine import Engine
 
 if TYPE_CHECKING:
+    from lethe.gateway.runtime.sae_service import SAECard
     from lethe.gateway.store import JobStats
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
@@ -95,6 +96,17 @@ class Metrics:
             ["action", "result"],
             registry=self.registry,
         )
+        self.sae = Gauge(
+            "lethe_sae_info",
+            "1 for the SAE this replica serves (LETHE_SAE), with its layer and number of features.",
+            ["name", "fingerprint", "layer", "features"],
+            registry=self.registry,
+        )
+        self.sae_clamped = Counter(
+            "lethe_sae_clamped_sequences",
+            "Sequences generated with fired targets' SAE features clamped.",
+            registry=self.registry,
+        )
         self.checkpoint_behind = Gauge(
             "lethe_serving_checkpoint_behind",
             "1 while this replica serves another checkpoint than the one the store names (it could not "
@@ -105,6 +117,9 @@ class Metrics:
     def serve_checkpoint(self, checkpoint_id: str) -> None:
         self.serving_checkpoint.clear()
         self.serving_checkpoint.labels(checkpoint_id).set(1)
+
+    def serve_sae(self, card: SAECard) -> None:
+        self.sae.labels(card.name, card.fingerprint, str(card.layer), str(card.features)).set(1)
 
     def observe_jobs(self, stats: JobStats) -> None:
         """Set the job metrics from the store's counts (called at scrape time, off the event loop)."""

@@ -22,6 +22,7 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from pydantic import AwareDatetime, BaseModel, Field
 
+from lethe.guards.features import TargetFeatures
 from lethe.guards.targets import Target, TargetPatch, TargetSpec
 
 AuditKind = Literal["admin", "request"]
@@ -201,6 +202,15 @@ class Store(Protocol):
 
     def revision(self) -> int:
         """Grows with every change to the targets, from any replica."""
+
+    def put_target_features(self, target_id: str, features: TargetFeatures) -> bool:
+        """Store a target's SAE features (replacing those chosen under the same SAE before) if the
+        target is still at `features.target_version`; the revision grows, so every replica's guard
+        picks them up. False (nothing written) when the target changed or was deleted meanwhile."""
+
+    def target_features(self, sae: str | None = None, target_id: str | None = None) -> list[TargetFeatures]:
+        """Feature selections that are current (chosen from the target's present version), under one
+        SAE and/or for one target."""
 
     def append_audit(self, record: AuditRecord) -> AuditRecord:
         """Store a record (its `prompt` only if prompts are audited); returns it with its id."""

@@ -144,6 +144,18 @@ MIGRATIONS: tuple[Migration, ...] = (
         "targets, audit, jobs and serving checkpoint (the schema before versioning)",
         dialects={"sqlite": _V1_SQLITE},
     ),
+    Migration(
+        2,
+        "SAE features chosen per target, per SAE",
+        sql="""CREATE TABLE IF NOT EXISTS target_features (
+    target_id TEXT NOT NULL,
+    sae TEXT NOT NULL,
+    target_version INTEGER NOT NULL,
+    features TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (target_id, sae)
+)""",
+    ),
 )
 
 

@@ -52,6 +52,7 @@ from lethe.gateway.store.migrations import (
     check_numbering,
     pending,
 )
+from lethe.guards.features import TargetFeatures
 from lethe.guards.targets import Target, TargetFields, TargetPatch, TargetSpec
 
 _TARGET_FIELDS = set(TargetFields.model_fields)
@@ -282,6 +283,7 @@ class SQLiteStore:
         with self._transaction() as db:
             target = self._current(db, target_id, expected_version)
             db.execute("DELETE FROM targets WHERE id = ?", (target_id,))
+            db.execute("DELETE FROM target_features WHERE target_id = ?", (target_id,))
             self._changed(db, "target.delete", target, [])
         return target
 
@@ -294,6 +296,37 @@ class SQLiteStore:
     def revision(self) -> int:
         with self._transaction(write=False) as db:
             return db.execute("SELECT value FROM revision").fetchone()[0]
+
+    def put_target_features(self, target_id: str, features: TargetFeatures) -> bool:
+        with self._transaction() as db:
+            row = db.execute("SELECT version FROM targets WHERE id = ?", (target_id,)).fetchone()
+            if row is None or row["version"] != features.target_version:
+                return False
+            db.execute(
+                "INSERT INTO target_features (target_id, sae, target_version, features, created_at)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (target_id, sae) DO UPDATE SET"
+                " target_version = excluded.target_version, features = excluded.features,"
+                " created_at = excluded.created_at",
+                (
+                    target_id,
+                    features.sae,
+                    features.target_version,
+                    features.model_dump_json(),
+                    _time(utc_now()),
+                ),
+            )
+            db.execute("UPDATE revision SET value = value + 1")
+        return True
+
+    def target_features(self, sae: str | None = None, target_id: str | None = None) -> list[TargetFeatures]:
+        query = (
+            "SELECT f.features FROM target_features f JOIN targets t"
+            " ON t.id = f.target_id AND t.version = f.target_version"
+            " WHERE (? IS NULL OR f.sae = ?) AND (? IS NULL OR f.target_id = ?) ORDER BY t.position"
+        )
+        with self._transaction(write=False) as db:
+            rows = db.execute(query, (sae, sae, target_id, target_id)).fetchall()
+        return [TargetFeatures.model_validate_json(row["features"]) for row in rows]
 
     def append_audit(self, record: AuditRecord) -> AuditRecord:
         with self._transaction() as db:

@@ -250,7 +250,11 @@ class VLLMEngine(TokenizerMethods):
             resubmitted=len(progress.output_ids),
         )
         extra_args: dict[str, Any] = {
-            REQUEST_ARGS_KEY: {"id": progress.request.request_id, "target_ids": list(plan.target_ids)}
+            REQUEST_ARGS_KEY: {
+                "id": progress.request.request_id,
+                "target_ids": list(plan.target_ids),
+                "sae_clamp": [list(pair) for pair in plan.sae_clamp],
+            }
         }
         if not guard.is_empty():
             extra_args[EXTRA_ARGS_KEY] = guard.model_dump(mode="json")

@@ -21,7 +21,7 @@ from lethe.guards.plan import GuardPlan
 from lethe.models.engine import GenerationRequest, LayerHook, SamplingParams
 
 REQUEST_ARGS_KEY = "lethe_request"
-"""`SamplingParams.extra_args` entry with the gateway's request id and fired target ids."""
+"""`SamplingParams.extra_args` entry with the gateway's request id, fired target ids and SAE clamp."""
 
 _installed: dict[str, torch.utils.hooks.RemovableHandle] = {}
 
@@ -36,7 +36,10 @@ def _batch_rows(runner: Any) -> Iterator[tuple[int, int, GenerationRequest]]:
             request_id=extra.get("id", vllm_id),
             prompt_ids=tuple(state.prompt_token_ids or ()),
             sampling=SamplingParams(max_tokens=state.sampling_params.max_tokens or 0),
-            plan=GuardPlan(target_ids=tuple(extra.get("target_ids", ()))),
+            plan=GuardPlan(
+                target_ids=tuple(extra.get("target_ids", ())),
+                sae_clamp=tuple((int(f), float(v)) for f, v in extra.get("sae_clamp", ())),
+            ),
         )
         yield starts[row], starts[row + 1], request
 

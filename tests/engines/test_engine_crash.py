@@ -51,7 +51,7 @@ def start_seconds(log: Path) -> float:
 
 
 def test_killed_engine_fails_requests_and_restarts(tiny_model_dir: Path, tmp_path: Path) -> None:
-    server = start_server(tiny_model_dir, tmp_path, tmp_path / "serve.log")
+    server = start_server(tiny_model_dir, tmp_path, tmp_path / "serve.log", LETHE_ENGINE_PROCESS="true")
     try:
         first_pid = engine_child(server)
         blocking: dict[str, httpx.Response] = {}

@@ -55,6 +55,9 @@ def start_server(model: Path, home: Path, log: Path, api_key: str = "test-key", 
         "LETHE_API_KEYS": api_key,
         "LETHE_TORCH_THREADS": "2",
         "LETHE_WORKER": "false",  # the unlearning worker child only where a test asks for it
+        # The engine in the gateway's process: its own process costs every test a forkserver start
+        # and a second model load; tests/engines/test_engine_crash.py asks for it.
+        "LETHE_ENGINE_PROCESS": "false",
         **env,
     }
     with open(log, "wb") as sink:

@@ -17,13 +17,14 @@ from collections.abc import Callable
 from typing import Annotated, Literal, ParamSpec, TypeVar
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from lethe.gateway.api.admin.common import After, IfMatch, Limit, StoreDep, call_store
 from lethe.gateway.api.auth import require_admin_key
 from lethe.gateway.api.errors import APIError
 from lethe.gateway.runtime.store_watcher import StoreWatcher
 from lethe.gateway.store import AuditKind, AuditRecord, Page
+from lethe.guards.features import TargetFeatures
 from lethe.guards.targets import Target, TargetPatch, TargetSpec
 
 Params = ParamSpec("Params")
@@ -81,9 +82,19 @@ async def list_targets(store: StoreDep, limit: Limit = 50, after: After = None) 
     return await call_store(store.list_targets, limit, after)
 
 
+class TargetDetail(Target):
+    sae_features: list[TargetFeatures] = Field(
+        default_factory=list,
+        description="The SAE features chosen for this version of the target, one entry per SAE (empty "
+        "until the gateway serving an SAE has chosen them, a few seconds after a change).",
+    )
+
+
 @router.get("/targets/{target_id}")
-async def get_target(target_id: str, store: StoreDep) -> Target:
-    return await call_store(store.get_target, target_id)
+async def get_target(target_id: str, store: StoreDep) -> TargetDetail:
+    target = await call_store(store.get_target, target_id)
+    features = await call_store(store.target_features, None, target_id)
+    return TargetDetail(**target.model_dump(), sae_features=features)
 
 
 @router.patch("/targets/{target_id}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from lethe.gateway.api.openai.protocol import ModelCard, ModelList
+from lethe.gateway.api.openai.protocol import ModelCard, ModelList, SAEInfo
 from lethe.gateway.api.openai.serving import Serving, check_model
 from lethe.gateway.runtime.context import ServingContext
 
@@ -12,7 +12,13 @@ router = APIRouter()
 
 
 def _model_card(ctx: ServingContext) -> ModelCard:
-    return ModelCard(id=ctx.model_name, created=ctx.created, checkpoint=ctx.checkpoint)
+    sae = ctx.guard.sae if ctx.guard is not None else None
+    return ModelCard(
+        id=ctx.model_name,
+        created=ctx.created,
+        checkpoint=ctx.checkpoint,
+        sae=SAEInfo(**vars(sae.card)) if sae is not None else None,
+    )
 
 
 @router.get("/v1/models", response_model=ModelList)

@@ -272,6 +272,8 @@ class CompletionResponse(_Response):
 
 
 class ModelCard(_Response):
+    omit_if_none: ClassVar[frozenset[str]] = frozenset({"sae"})
+
     id: str
     object: Literal["model"] = "model"
     created: int
@@ -279,6 +281,16 @@ class ModelCard(_Response):
     checkpoint: str = "base"
     """Lethe's extension: which checkpoint serves under this id (`base`: the model it was started on;
     otherwise the id of a promoted unlearning checkpoint). The id stays the served model name."""
+    sae: SAEInfo | None = None
+    """Lethe's extension: the sparse autoencoder whose features are clamped on fired requests."""
+
+
+class SAEInfo(_Response):
+    name: str
+    fingerprint: str
+    layer: int
+    features: int
+    architecture: str
 
 
 class ModelList(_Response):

@@ -199,6 +199,8 @@ async def guarded_choices(
     """One engine request per choice under the guard decision for `texts`; a fixed seed gives each
     choice its own derived seed."""
     index, decision = await guard_decision(ctx, texts)
+    if decision.plan.sae_clamp:
+        ctx.metrics.sae_clamped.inc(n)
     requests = [
         GenerationRequest(
             f"{request_id}-{choice}",

@@ -1,0 +1,146 @@
+"""The SAE a gateway serves (`LETHE_SAE`): its clamp on every engine the gateway starts, and the
+features of every target that asks for the clamp, chosen in the background and kept in the store.
+
+Choosing features runs the served checkpoint's first layers on the target's text, which takes a
+moment on a CPU; it never holds up a registration. Until a target's features are stored, a fired
+request gets its decoding restrictions only (`GET /admin/targets/{id}` shows whether features are
+there). Every replica reads the same stored features; two replicas choosing the same target's at
+once write identical rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lethe.gateway.store import Store
+from lethe.guards.features import SelectionConfig, TargetFeatures
+from lethe.guards.targets import Target
+from lethe.models.engine import Engine, HookHandle
+from lethe.models.sae.clamp import FeatureClamp
+from lethe.models.sae.features import ResidualReader, firing, forget_texts, select_features
+from lethe.models.sae.retain_text import CHAT_REQUESTS, PROSE
+from lethe.models.sae.sparse_autoencoder import SparseAutoencoder
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SAECard:
+    """What `/v1/models` and `/metrics` say about the served SAE."""
+
+    name: str
+    fingerprint: str
+    layer: int
+    features: int
+    architecture: str
+
+
+class SAEService:
+    def __init__(
+        self,
+        folder: Path,
+        store: Store,
+        model_path: Path,
+        selection: SelectionConfig,
+        retain_text: Path | None = None,
+    ) -> None:
+        self.sae = SparseAutoencoder.load(folder)
+        self.card = SAECard(
+            name=folder.name,
+            fingerprint=self.sae.fingerprint,
+            layer=self.sae.layer,
+            features=self.sae.config.d_sae,
+            architecture=self.sae.config.architecture,
+        )
+        self._store = store
+        self._model_path = model_path
+        self._selection = selection
+        self._retain_text = retain_text
+        self._reader: ResidualReader | None = None
+        self._retain_rates: torch.Tensor | None = None
+        self._reader_lock = threading.Lock()
+        self._pending = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ serving
+    async def install(self, engine: Engine) -> HookHandle:
+        """The clamp on `engine`'s layer; it acts on rows whose plan names features, nothing else."""
+        return await engine.add_layer_hook(self.sae.layer, FeatureClamp(self.sae))
+
+    def features(self) -> dict[str, TargetFeatures]:
+        """The current features of every target under this SAE (blocking: call off the loop)."""
+        return {f.target_id: f for f in self._store.target_features(sae=self.card.fingerprint)}
+
+    # ------------------------------------------------------------------ choosing features
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="lethe-sae-features")
+        self._pending.set()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def refresh(self, revision: int) -> None:
+        """A store-watcher listener: look for targets without current features."""
+        self._pending.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self._pending.wait()
+            self._pending.clear()
+            try:
+                await asyncio.to_thread(self.choose_missing)
+            except Exception:  # the next change tries again; the guard still restricts decoding
+                logger.exception("choosing SAE features failed")
+
+    def choose_missing(self) -> int:
+        """Choose and store the features of every enabled target that asks for the clamp and has
+        none for its present version; returns how many were stored."""
+        current = {
+            f.target_id: f.target_version for f in self._store.target_features(sae=self.card.fingerprint)
+        }
+        missing = [
+            t
+            for t in self._store.snapshot().targets
+            if t.enabled and t.suppression != "decoding" and current.get(t.id) != t.version
+        ]
+        stored = 0
+        for target in missing:
+            features = self.choose(target)
+            if self._store.put_target_features(target.id, features):
+                stored += 1
+                logger.info(
+                    "target %s (version %d): %d SAE features chosen from %d tokens",
+                    target.id,
+                    target.version,
+                    len(features.features),
+                    features.forget_tokens,
+                )
+        return stored
+
+    def choose(self, target: Target) -> TargetFeatures:
+        reader, retain_rates = self._prepared()
+        plain, chat = forget_texts(target)
+        with self._reader_lock:
+            forget = reader.read(plain, chat)
+        return select_features(self.sae, forget, retain_rates, target.id, target.version, self._selection)
+
+    def _prepared(self) -> tuple[ResidualReader, torch.Tensor]:
+        """The reader and the retain text's firing rates, made on first use (a model load)."""
+        with self._reader_lock:
+            if self._reader is None or self._retain_rates is None:
+                self._reader = ResidualReader(self._model_path, self.sae.layer)
+                prose = list(PROSE)
+                if self._retain_text is not None:
+                    prose += [p for p in self._retain_text.read_text().split("\n\n") if p.strip()]
+                self._retain_rates, _ = firing(self.sae, self._reader.read(prose, CHAT_REQUESTS))
+            return self._reader, self._retain_rates
