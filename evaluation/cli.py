@@ -88,6 +88,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="policy of the registered targets: decode around them, or answer with a refusal",
     )
     server.add_argument(
+        "--suppression",
+        choices=("both", "decoding", "sae"),
+        default="both",
+        help="how the registered targets are suppressed: decoding restrictions, the SAE feature clamp"
+        " (a server started with --sae), or both",
+    )
+    server.add_argument(
         "--no-register",
         dest="register",
         action="store_false",
@@ -174,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
             admin_url=args.admin_url,
             register_targets=args.register,
             policy=args.policy,
+            suppression=args.suppression,
             suites=args.suite,
             data_dir=resolve_data_dir(args.data_dir),
             targets=args.targets,

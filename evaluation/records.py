@@ -144,6 +144,8 @@ class RunInfo(BaseModel):
     registered: list[RegisteredTarget] = []
     policy: str | None = None
     """The registered targets' policy (steer or refuse)."""
+    suppression: str | None = None
+    """How they were suppressed: decoding restrictions, SAE clamp, or both."""
     authors: list[str] = []
     """The forget authors of the authors suite (registered when registration is on)."""
     author_max_tokens: int | None = None

@@ -7,6 +7,7 @@ is and says so, instead of failing.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -34,6 +35,7 @@ def admin_root(base_url: str) -> str:
 
 class AdminClient:
     def __init__(self, root: str, admin_key: str, *, timeout: float) -> None:
+        self.timeout = timeout
         self._http = httpx.Client(
             base_url=root.rstrip("/"), headers={"Authorization": f"Bearer {admin_key}"}, timeout=timeout
         )
@@ -84,6 +86,27 @@ class AdminClient:
                 return fired
             after = page["next_cursor"]
 
+    def wait_for_features(
+        self, targets: Sequence[RegisteredTarget], timeout: float, console: Console
+    ) -> None:
+        """Wait until the server has chosen every target's SAE features, so that no probe is answered
+        before the clamp can act (the server chooses them in the background after registration)."""
+        deadline = time.monotonic() + timeout
+        waiting = list(targets)
+        while waiting:
+            response = self._send("GET", f"/admin/targets/{waiting[0].id}")
+            if response.status_code != 200:
+                raise AdminError(f"reading target {waiting[0].name!r}: HTTP {response.status_code}")
+            if response.json().get("sae_features"):
+                waiting.pop(0)
+                continue
+            if time.monotonic() > deadline:
+                raise AdminError(
+                    f"the server chose no SAE features for {waiting[0].name!r} in {timeout:.0f} s"
+                )
+            time.sleep(0.5)
+        console.print(f"SAE features chosen for {len(targets)} target(s)")
+
     def remove(self, target: RegisteredTarget) -> None:
         """Delete a target; one that is already gone (404) counts as removed."""
         response = self._send("DELETE", f"/admin/targets/{target.id}")
@@ -93,12 +116,13 @@ class AdminClient:
 
 @contextmanager
 def registered_targets(
-    admin: AdminClient, specs: Sequence[TargetSpec], console: Console
+    admin: AdminClient, specs: Sequence[TargetSpec], console: Console, wait_for_features: bool = False
 ) -> Iterator[list[RegisteredTarget] | None]:
     """Register `specs` for the duration of the block, then remove them, even on failure.
 
     Yields the registered targets, or None when the server has no admin API. A failure halfway
-    through registration removes the targets already registered before raising.
+    through registration removes the targets already registered before raising. With
+    `wait_for_features`, the block starts once the server has chosen the targets' SAE features.
     """
     registered: list[RegisteredTarget] = []
     available = True
@@ -114,6 +138,8 @@ def registered_targets(
                 break
             registered.append(target)
             console.print(f"registered forget target {spec.name!r} (id {target.id})")
+        if available and wait_for_features:
+            admin.wait_for_features(registered, admin.timeout, console)
         yield registered if available else None
     finally:
         for target in registered:

@@ -341,7 +341,7 @@ def _header(results: EvalResults) -> list[str]:
     registration = {
         "off": "none registered (the model as it is)",
         "unavailable": "none registered (the server has no admin API)",
-        "registered": f"registered for this run, policy {info.policy}: "
+        "registered": f"registered for this run, policy {info.policy}, suppression {info.suppression}: "
         + ", ".join(t.name for t in info.registered),
     }[info.registration]
     lines = [

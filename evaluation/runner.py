@@ -9,6 +9,7 @@ from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.progress import (
@@ -26,7 +27,7 @@ from lethe.evaluation.records import EvalResults, Probe, RegisteredTarget, RunIn
 from lethe.evaluation.registration import AdminClient, AdminError, admin_root, registered_targets
 from lethe.evaluation.report import write_report
 from lethe.evaluation.scoring import rescore, score_answer, summarise
-from lethe.guards.targets import Policy
+from lethe.guards.targets import Policy, Suppression
 
 RESULTS_FILE = "results.json"
 LOG_EVERY_S = 30.0
@@ -40,6 +41,7 @@ class EvalConfig(BaseModel):
     admin_url: str | None = None
     register_targets: bool = True
     policy: Policy = "steer"
+    suppression: Suppression = "both"
     suites: list[Suite]
     data_dir: Path
     targets: list[str] | None = None
@@ -55,6 +57,19 @@ class EvalConfig(BaseModel):
     model: str | None = None
     compare: Path | None = None
     out: Path
+
+
+def _serves_sae(config: EvalConfig) -> bool:
+    """Whether the server clamps SAE features (Lethe's `sae` entry on its model card)."""
+    try:
+        response = httpx.get(
+            f"{config.base_url.rstrip('/')}/models",
+            headers={"Authorization": f"Bearer {config.api_key}"},
+            timeout=config.timeout,
+        )
+    except httpx.HTTPError:
+        return False  # the run reports the server's failure on its first probe
+    return response.status_code == 200 and any(card.get("sae") for card in response.json().get("data", []))
 
 
 def load_results(path: Path) -> EvalResults:
@@ -166,8 +181,9 @@ def run_eval(config: EvalConfig, console: Console) -> int:
                 config.admin_url or admin_root(config.base_url), config.admin_key, timeout=config.timeout
             )
             stack.callback(admin.close)
-            specs = suites.forget_targets(config.data_dir, selection, config.policy)
-            answer = stack.enter_context(registered_targets(admin, specs, console))
+            specs = suites.forget_targets(config.data_dir, selection, config.policy, config.suppression)
+            clamped = config.suppression != "decoding" and _serves_sae(config)
+            answer = stack.enter_context(registered_targets(admin, specs, console, wait_for_features=clamped))
             registration, registered = ("registered", answer) if answer is not None else ("unavailable", [])
         asked_at = datetime.now(UTC)
         model, completions = asyncio.run(_ask(config, probes, console))
@@ -195,6 +211,7 @@ def run_eval(config: EvalConfig, console: Console) -> int:
         authors=[a.name for a in authors],
         author_max_tokens=config.author_max_tokens if "authors" in config.suites else None,
         policy=config.policy if registered else None,
+        suppression=config.suppression if registered else None,
         compare=str(config.compare) if config.compare else None,
         started_at=started_at,
         wall_seconds=round(time.perf_counter() - clock, 1),

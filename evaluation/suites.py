@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from lethe.evaluation import datasets, prompts
 from lethe.evaluation.datasets import RwkuTarget
 from lethe.evaluation.records import Probe, Suite
-from lethe.guards.targets import Policy
+from lethe.guards.targets import Policy, Suppression
 
 MUSE_SUBJECT = "Harry Potter"
 MUSE_DESCRIPTION = "The Harry Potter book series by J. K. Rowling: its characters, places and events."
@@ -51,6 +51,7 @@ class TargetSpec(BaseModel):
     description: str
     documents: list[str]
     policy: Policy = "steer"
+    suppression: Suppression = "both"
 
 
 def _first(rows: Sequence[T], sample: int | None) -> list[T]:
@@ -189,7 +190,9 @@ def build_probes(data_dir: Path, selection: Selection) -> list[Probe]:
     return [probe for suite in selection.suites for probe in builders[suite](data_dir, selection)]
 
 
-def forget_targets(data_dir: Path, selection: Selection, policy: Policy = "steer") -> list[TargetSpec]:
+def forget_targets(
+    data_dir: Path, selection: Selection, policy: Policy = "steer", suppression: Suppression = "both"
+) -> list[TargetSpec]:
     """What the run asks the server to forget: each selected RWKU person, Harry Potter for MUSE, and
     each chosen forget author (its name, and the answers of its seen pairs as documents).
 
@@ -200,14 +203,22 @@ def forget_targets(data_dir: Path, selection: Selection, policy: Policy = "steer
     specs = []
     if "rwku" in selection.suites:
         specs += [
-            TargetSpec(name=t.name, description=t.intro, documents=t.passages, policy=policy)
+            TargetSpec(
+                name=t.name, description=t.intro, documents=t.passages, policy=policy, suppression=suppression
+            )
             for t in selection.targets
         ]
     if "muse" in selection.suites:
         shots = datasets.muse_shots(data_dir, "forget")
         documents = [f"{shot.question} {shot.answer}" for shot in shots]
         specs.append(
-            TargetSpec(name=MUSE_SUBJECT, description=MUSE_DESCRIPTION, documents=documents, policy=policy)
+            TargetSpec(
+                name=MUSE_SUBJECT,
+                description=MUSE_DESCRIPTION,
+                documents=documents,
+                policy=policy,
+                suppression=suppression,
+            )
         )
     if "authors" in selection.suites:
         specs += [
@@ -216,6 +227,7 @@ def forget_targets(data_dir: Path, selection: Selection, policy: Policy = "steer
                 description="",
                 documents=[row.answer for row in author.qa[:AUTHORS_SEEN]],
                 policy=policy,
+                suppression=suppression,
             )
             for author in forget_authors(data_dir, selection)
         ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sys
 from types import FrameType
 from typing import Any
 
@@ -47,6 +48,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--engine", choices=["hf", "vllm"], help="generation engine (LETHE_ENGINE)")
     parser.add_argument(
+        "--sae",
+        help="sparse autoencoder folder (sae-lens format) whose features are clamped on fired requests"
+        " (LETHE_SAE)",
+    )
+    parser.add_argument(
         "--worker",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -74,6 +80,21 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+def sae_problem(settings: Settings) -> str | None:
+    """Why the SAE of the settings cannot be served on their model (None when it can): found before
+    the server starts, as one line, rather than as a traceback from inside its startup."""
+    from lethe.models.loading import resolve_model_path
+    from lethe.models.sae.sparse_autoencoder import SparseAutoencoder
+
+    assert settings.sae is not None
+    try:
+        sae = SparseAutoencoder.load(settings.sae)
+        sae.check_fits(resolve_model_path(settings.engine_config()))
+    except (OSError, ValueError) as error:
+        return f"cannot serve the SAE in {settings.sae}: {error}"
+    return None
+
+
 class _Terminated(Exception):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
@@ -91,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     from lethe.gateway.api.app import create_app
     from lethe.gateway.cli.worker import missing_eval_extra, start_child, stop_child
 
-    overrides = {name: getattr(args, name) for name in ("host", "port", "model", "engine", "worker")}
+    overrides = {name: getattr(args, name) for name in ("host", "port", "model", "engine", "sae", "worker")}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     settings = Settings(**overrides)
     logging.basicConfig(
@@ -103,6 +124,9 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(1)  # the engine's child process owns the cores (LETHE_TORCH_THREADS)
     elif settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+    if settings.sae is not None and (problem := sae_problem(settings)) is not None:
+        print(f"lethe serve: {problem}", file=sys.stderr)
+        return 2
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it under the handler found before it
     # started: this one, so that the worker child is stopped before this process goes.
     signal.signal(signal.SIGTERM, _terminated)

@@ -154,6 +154,15 @@ class SparseAutoencoder:
             digest.update(tensor.contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
 
+    def check_fits(self, model_path: Path) -> None:
+        """Raise ValueError unless the model has the SAE's layer and its width."""
+        config = json.loads((model_path / "config.json").read_text())
+        hidden, layers = config.get("hidden_size"), config.get("num_hidden_layers")
+        if hidden != self.config.d_in:
+            raise ValueError(f"the SAE reads vectors of {self.config.d_in}, the model's are {hidden} wide")
+        if layers is not None and not 0 <= self.layer < layers:
+            raise ValueError(f"the SAE reads layer {self.layer}, the model has {layers} layers")
+
     # ------------------------------------------------------------------- disk
     @classmethod
     def load(cls, folder: Path) -> SparseAutoencoder:

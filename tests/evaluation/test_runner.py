@@ -44,6 +44,10 @@ class ScriptedServer:
     audit: list[dict] = field(default_factory=list)
     """Request entries, oldest first, as Lethe's audit trail records them."""
     base_url: str = ""
+    sae: bool = False
+    """Serve an SAE: the model card says so, and a target's features show on its second read."""
+    reads: dict[str, int] = field(default_factory=dict)
+    requests_when_features_shown: list[int] = field(default_factory=list)
 
     def fired(self, probe: Probe) -> list[str]:
         """Forget probes fire their own target; neighbour probes of Ada Lovelace fire hers too (a
@@ -60,10 +64,16 @@ class ScriptedServer:
 
         @app.get("/v1/models")
         def models() -> dict:
-            return {
-                "object": "list",
-                "data": [{"id": "scripted", "object": "model", "created": 0, "owned_by": "t"}],
-            }
+            card = {"id": "scripted", "object": "model", "created": 0, "owned_by": "t"}
+            if self.sae:
+                card["sae"] = {
+                    "name": "sae",
+                    "fingerprint": "f",
+                    "layer": 3,
+                    "features": 8,
+                    "architecture": "jumprelu",
+                }
+            return {"object": "list", "data": [card]}
 
         @app.post("/v1/chat/completions")
         async def chat(request: Request) -> Response:
@@ -114,6 +124,16 @@ class ScriptedServer:
             return JSONResponse(
                 {"object": "list", "data": page, "has_more": more, "next_cursor": str(after + len(page))}
             )
+
+        @app.get("/admin/targets/{target_id}")
+        def read(target_id: str) -> Response:
+            self.admin_calls.append(f"GET {target_id}")
+            self.reads[target_id] = self.reads.get(target_id, 0) + 1
+            chosen = self.reads[target_id] >= 2
+            if chosen:
+                self.requests_when_features_shown.append(len(self.requests))
+            features = [{"target_id": target_id, "sae": "f", "features": []}] if chosen else []
+            return JSONResponse({"id": target_id, **self.registry[target_id], "sae_features": features})
 
         @app.delete("/admin/targets/{target_id}")
         def remove(target_id: str) -> Response:
@@ -354,3 +374,21 @@ def test_an_unreadable_audit_trail_keeps_the_answers_and_reports_no_detection(
     assert results.records and all(r.fired is None and r.scores.detected is None for r in results.records)
     assert results.summary.rwku_overall["forget_level1"].detection_rate is None
     assert "## Detection" not in (out / "report.md").read_text()
+
+
+def test_a_clamped_run_waits_for_the_sae_features_before_probing(
+    server: ScriptedServer, data_dir: Path, tmp_path: Path
+) -> None:
+    server.sae = True
+    common = ("--base-url", server.base_url, "--data-dir", str(data_dir), "--admin-key", ADMIN_KEY)
+    assert run_cli(*common, "--suppression", "sae", "--suite", "rwku", "--out", str(tmp_path / "s")) == 0
+    assert [spec["suppression"] for spec in server.posted] == ["sae", "sae"]
+    assert server.admin_calls[:6] == ["POST", "POST", "GET t1", "GET t1", "GET t2", "GET t2"]
+    assert server.requests_when_features_shown == [0, 0]  # no probe before the features were there
+    assert load(tmp_path / "s").info.suppression == "sae"
+
+    server.posted.clear()
+    server.admin_calls.clear()
+    assert run_cli(*common, "--suppression", "decoding", "--suite", "rwku", "--out", str(tmp_path / "d")) == 0
+    assert [spec["suppression"] for spec in server.posted] == ["decoding", "decoding"]
+    assert not any(call.startswith("GET") for call in server.admin_calls)  # nothing to wait for

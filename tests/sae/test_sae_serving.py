@@ -3,6 +3,9 @@ the admin API, the SAE on /v1/models and /metrics, and fired requests clamped.""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,3 +88,34 @@ def test_serves_the_sae_and_clamps_fired_requests(server: LiveServer) -> None:
     assert 'lethe_sae_info{features="256",fingerprint="' + card["sae"]["fingerprint"] in metrics
     clamped = [line for line in metrics.splitlines() if line.startswith("lethe_sae_clamped_sequences_total")]
     assert clamped and float(clamped[0].split()[-1]) >= 1
+
+
+@pytest.mark.parametrize(
+    ("layer", "width", "expected"), [(9, 64, "the model has 2 layers"), (1, 32, "the model's are 64 wide")]
+)
+def test_serve_refuses_an_sae_that_does_not_fit(
+    tiny_model_dir: Path, tmp_path: Path, layer: int, width: int, expected: str
+) -> None:
+    random_sae(width, 128, layer=layer).save(tmp_path / "sae")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lethe.gateway.cli.main",
+            "serve",
+            "--model",
+            str(tiny_model_dir),
+            "--sae",
+            str(tmp_path / "sae"),
+            "--port",
+            "0",
+        ],
+        env={**os.environ, "LETHE_HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(f"lethe serve: cannot serve the SAE in {tmp_path / 'sae'}: ")
+    assert expected in done.stderr and "Traceback" not in done.stderr
