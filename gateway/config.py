@@ -152,6 +152,12 @@ class Settings(BaseSettings):
         default_factory=SelectionConfig,
         description="How each target's SAE features are chosen (LETHE_SAE_FEATURES__MAX_FEATURES=20).",
     )
+    sae_detection: bool = Field(
+        default=False,
+        description="With an SAE: also fire a target when its features fire on enough of a prompt's (or"
+        " an answer's) tokens, even when names and embeddings missed it. Costs a pass of the served"
+        " model's layers up to the SAE's on every prompt, in the gateway.",
+    )
     sae_retain_text: Path | None = Field(
         default=None,
         description="A text file of general prose (paragraphs apart by blank lines) added to the built-in"

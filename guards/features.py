@@ -21,6 +21,13 @@ class SelectionConfig(BaseModel):
     max_retain_rate: float = Field(
         default=0.002, ge=0, le=1, description="Most a feature may fire on general chat tokens."
     )
+    min_detect_share: float = Field(
+        default=0.05,
+        gt=0,
+        le=1,
+        description="SAE detection: the least share of a prompt's tokens on which a target's features "
+        "must fire for it to fire the target (raised per target above every general text's share).",
+    )
 
 
 class SAEFeature(BaseModel):
@@ -45,6 +52,13 @@ class TargetFeatures(BaseModel):
     target_version: int = Field(ge=1, description="The target version the features were chosen from.")
     forget_tokens: int = Field(ge=0, description="Tokens of the target's text the choice was made on.")
     features: tuple[SAEFeature, ...] = ()
+    detect_share: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="SAE detection fires the target on a prompt when at least this share of its tokens "
+        "has one of the features firing.",
+    )
 
     def clamp(self, multiple: float) -> tuple[tuple[int, float], ...]:
         """(feature, value) pairs: each feature set to `-multiple` times its own mean activation."""

@@ -71,7 +71,11 @@ def create_app(
                 ),
                 build_engine=engine_factory or (lambda path, name: build_engine(engine_config, path, name)),
                 build_guard=lambda serving_engine: GuardRuntime(
-                    store, serving_engine, detectors, settings.guard, sae
+                    store,
+                    serving_engine,
+                    sae.detector_factory(detectors) if sae and settings.sae_detection else detectors,
+                    settings.guard,
+                    sae,
                 ),
                 catalog=checkpoints or (lambda: checkpoint_catalog(settings.home)),
             )

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +22,11 @@ import torch
 
 from lethe.gateway.store import Store
 from lethe.guards.features import SelectionConfig, TargetFeatures
+from lethe.guards.index import Detector, Fired
 from lethe.guards.targets import Target
 from lethe.models.engine import Engine, HookHandle
 from lethe.models.sae.clamp import FeatureClamp
-from lethe.models.sae.features import ResidualReader, firing, forget_texts, select_features
+from lethe.models.sae.features import ResidualReader, firing_share, forget_texts, select_features
 from lethe.models.sae.retain_text import CHAT_REQUESTS, PROSE
 from lethe.models.sae.sparse_autoencoder import SparseAutoencoder
 
@@ -64,7 +66,7 @@ class SAEService:
         self._selection = selection
         self._retain_text = retain_text
         self._reader: ResidualReader | None = None
-        self._retain_rates: torch.Tensor | None = None
+        self._retain: list[torch.Tensor] | None = None
         self._reader_lock = threading.Lock()
         self._pending = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -128,19 +130,97 @@ class SAEService:
         return stored
 
     def choose(self, target: Target) -> TargetFeatures:
-        reader, retain_rates = self._prepared()
+        reader, retain = self.prepared()
         plain, chat = forget_texts(target)
-        with self._reader_lock:
-            forget = reader.read(plain, chat)
-        return select_features(self.sae, forget, retain_rates, target.id, target.version, self._selection)
+        forget = reader.read(plain, chat)
+        return select_features(self.sae, forget, retain, target.id, target.version, self._selection)
 
-    def _prepared(self) -> tuple[ResidualReader, torch.Tensor]:
-        """The reader and the retain text's firing rates, made on first use (a model load)."""
+    def prepared(self) -> tuple[ResidualReader, list[torch.Tensor]]:
+        """The reader and the retain texts' residual streams, made on first use (a model load)."""
         with self._reader_lock:
-            if self._reader is None or self._retain_rates is None:
+            if self._reader is None or self._retain is None:
                 self._reader = ResidualReader(self._model_path, self.sae.layer)
                 prose = list(PROSE)
                 if self._retain_text is not None:
                     prose += [p for p in self._retain_text.read_text().split("\n\n") if p.strip()]
-                self._retain_rates, _ = firing(self.sae, self._reader.read(prose, CHAT_REQUESTS))
-            return self._reader, self._retain_rates
+                self._retain = self._reader.read_each(self._reader.encode(prose, CHAT_REQUESTS))
+            return self._reader, self._retain
+
+    # ------------------------------------------------------------------ detection
+    def detector_factory(
+        self, primary: Callable[[Sequence[Target]], Detector]
+    ) -> Callable[[Sequence[Target]], Detector]:
+        """Wraps the guard's detector factory: a target fires when the primary detector finds it or
+        when its features fire on enough of the text (LETHE_SAE_DETECTION)."""
+
+        def build(targets: Sequence[Target]) -> Detector:
+            features = self.features()
+            chosen = {t.id: features[t.id] for t in targets if t.id in features and features[t.id].features}
+            return EitherDetector(primary(targets), SAEDetector(self, chosen))
+
+        return build
+
+    def shares(self, ids: list[int], features: dict[str, TargetFeatures]) -> dict[str, float]:
+        """Per target, the share of the text's tokens on which one of its features fires."""
+        reader, _ = self.prepared()
+        [residual] = reader.read_each([ids]) or [torch.zeros(0, self.sae.config.d_in)]
+        return {
+            target_id: firing_share(self.sae, residual, [f.index for f in chosen.features])
+            for target_id, chosen in features.items()
+        }
+
+
+@dataclass(frozen=True)
+class SAEFired:
+    target_id: str
+    share: float
+
+
+class SAEDetector:
+    """Fires a target when its SAE features fire on at least its calibrated share of the tokens of
+    the conversation (in the chat template) or of the answer so far."""
+
+    def __init__(self, service: SAEService, features: dict[str, TargetFeatures]) -> None:
+        self._service = service
+        self._features = features
+
+    def detect_conversation(self, messages: Sequence[str]) -> list[SAEFired]:
+        if not self._features:
+            return []
+        reader, _ = self._service.prepared()
+        return self._fired(reader.encode_chat([("user", m) for m in messages]))
+
+    def detect_generated(self, text: str) -> list[SAEFired]:
+        if not self._features:
+            return []
+        reader, _ = self._service.prepared()
+        return self._fired(reader.encode_text(text))
+
+    def _fired(self, ids: list[int]) -> list[SAEFired]:
+        shares = self._service.shares(ids, self._features)
+        return [
+            SAEFired(target_id, share)
+            for target_id, share in shares.items()
+            if share >= self._features[target_id].detect_share
+        ]
+
+
+class EitherDetector:
+    """A target fires when either detector finds it."""
+
+    def __init__(self, primary: Detector, secondary: Detector) -> None:
+        self._detectors = (primary, secondary)
+
+    def detect_conversation(self, messages: Sequence[str]) -> list[Fired]:
+        return _union(d.detect_conversation(messages) for d in self._detectors)
+
+    def detect_generated(self, text: str) -> list[Fired]:
+        return _union(d.detect_generated(text) for d in self._detectors)
+
+
+def _union(results: Iterable[Sequence[Fired]]) -> list[Fired]:
+    seen: dict[str, Fired] = {}
+    for fired in results:
+        for hit in fired:
+            seen.setdefault(hit.target_id, hit)
+    return list(seen.values())

@@ -13,6 +13,7 @@ the engine may be vLLM in another process, and the layers after the SAE's are no
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -49,20 +50,30 @@ class ResidualReader:
         model.model.layers = layers[: layer + 1]
         self._decoder = model.model.eval()
         self._layer = layer
+        self._lock = threading.Lock()  # the capturing hook is per call: one call at a time
+
+    def encode(self, plain: Sequence[str] = (), chat: Sequence[str] = ()) -> list[list[int]]:
+        """Token ids of plain texts, then of chat requests (as a user turn in the chat template)."""
+        return [*(self.encode_text(text) for text in plain), *(self.encode_chat([("user", t)]) for t in chat)]
+
+    def encode_chat(self, turns: Sequence[tuple[str, str]]) -> list[int]:
+        """A conversation of (role, content) turns in the chat template, ready for the answer."""
+        messages = [{"role": role, "content": content} for role, content in turns]
+        return self.encode_text(
+            self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        )
+
+    def encode_text(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False)
 
     def read(self, plain: Sequence[str], chat: Sequence[str] = ()) -> torch.Tensor:
-        """[tokens, hidden] for all texts together; chat requests go through the chat template."""
-        chat_texts = [
-            self._tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-            )
-            for text in chat
-        ]
-        ids = [self._tokenizer.encode(text, add_special_tokens=False) for text in [*plain, *chat_texts]]
-        return self.read_ids(ids)
+        """[tokens, hidden] for all texts together."""
+        each = self.read_each(self.encode(plain, chat))
+        return torch.cat(each) if each else torch.zeros(0, self._decoder.config.hidden_size)
 
     @torch.inference_mode()
-    def read_ids(self, texts: Sequence[TokenIds], max_tokens: int = 512) -> torch.Tensor:
+    def read_each(self, texts: Sequence[TokenIds], max_tokens: int = 512) -> list[torch.Tensor]:
+        """[tokens - 1, hidden] per text of more than one token (the first `max_tokens` of each)."""
         captured: list[torch.Tensor] = []
 
         def keep(module: torch.nn.Module, args: object, output: object) -> None:
@@ -70,16 +81,15 @@ class ResidualReader:
             assert isinstance(hidden, torch.Tensor)
             captured.append(hidden[0, 1:].float())
 
-        handle = self._decoder.layers[self._layer].register_forward_hook(keep)
-        try:
-            for ids in texts:
-                if len(ids) > 1:
-                    self._decoder(input_ids=torch.tensor([list(ids[:max_tokens])]))
-        finally:
-            handle.remove()
-        if not captured:
-            return torch.zeros(0, self._decoder.config.hidden_size)
-        return torch.cat(captured)
+        with self._lock:
+            handle = self._decoder.layers[self._layer].register_forward_hook(keep)
+            try:
+                for ids in texts:
+                    if len(ids) > 1:
+                        self._decoder(input_ids=torch.tensor([list(ids[:max_tokens])]))
+            finally:
+                handle.remove()
+        return captured
 
 
 def firing(sae: SparseAutoencoder, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,27 +102,39 @@ def firing(sae: SparseAutoencoder, residual: torch.Tensor) -> tuple[torch.Tensor
     return rates, means
 
 
+def firing_share(sae: SparseAutoencoder, residual: torch.Tensor, indices: Sequence[int]) -> float:
+    """The share of a text's tokens on which any of the features `indices` fires."""
+    if not len(residual) or not indices:
+        return 0.0
+    return float((sae.encode(residual)[:, list(indices)] > 0).any(dim=1).float().mean())
+
+
 def select_features(
     sae: SparseAutoencoder,
     forget: torch.Tensor,
-    retain_rates: torch.Tensor,
+    retain: Sequence[torch.Tensor],
     target_id: str,
     target_version: int,
     config: SelectionConfig,
 ) -> TargetFeatures:
     """The features of `forget` (the target's residual stream) to clamp: firing on at least
-    `min_forget_rate` of its tokens and at most `max_retain_rate` of general ones, most frequent
-    first, at most `max_features`."""
+    `min_forget_rate` of its tokens and at most `max_retain_rate` of the tokens of `retain` (general
+    texts, one tensor each), most frequent first, at most `max_features`. The detection threshold is
+    the largest share of any retain text's tokens on which a chosen feature fires, and at least
+    `min_detect_share`: a prompt must look more like the target than any general text did."""
+    retain_rates, _ = firing(sae, torch.cat(list(retain)) if retain else torch.zeros(0, sae.config.d_in))
     rates, means = firing(sae, forget)
     eligible = (rates >= config.min_forget_rate) & (retain_rates <= config.max_retain_rate)
     order = torch.argsort(rates - retain_rates, descending=True)
     chosen = [int(i) for i in order if eligible[i]][: config.max_features]
+    retain_share = max((firing_share(sae, text, chosen) for text in retain), default=0.0)
     return TargetFeatures(
         target_id=target_id,
         sae=sae.fingerprint,
         layer=sae.layer,
         target_version=target_version,
         forget_tokens=len(forget),
+        detect_share=min(1.0, max(retain_share + 1e-6, config.min_detect_share)),
         features=tuple(
             SAEFeature(
                 index=i,
