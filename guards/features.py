@@ -21,6 +21,12 @@ class SelectionConfig(BaseModel):
     max_retain_rate: float = Field(
         default=0.002, ge=0, le=1, description="Most a feature may fire on general chat tokens."
     )
+    max_forget_tokens: int = Field(
+        default=4096,
+        ge=16,
+        description="Most tokens of a target's own text read to choose its features (its documents in "
+        "order, then its examples): a target with hundreds of documents is chosen in seconds.",
+    )
     min_detect_share: float = Field(
         default=0.05,
         gt=0,

@@ -132,7 +132,7 @@ class SAEService:
     def choose(self, target: Target) -> TargetFeatures:
         reader, retain = self.prepared()
         plain, chat = forget_texts(target)
-        forget = reader.read(plain, chat)
+        forget = reader.read(plain, chat, budget=self._selection.max_forget_tokens)
         return select_features(self.sae, forget, retain, target.id, target.version, self._selection)
 
     def prepared(self) -> tuple[ResidualReader, list[torch.Tensor]]:

@@ -66,30 +66,52 @@ class ResidualReader:
     def encode_text(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False)
 
-    def read(self, plain: Sequence[str], chat: Sequence[str] = ()) -> torch.Tensor:
-        """[tokens, hidden] for all texts together."""
-        each = self.read_each(self.encode(plain, chat))
+    def read(self, plain: Sequence[str], chat: Sequence[str] = (), budget: int | None = None) -> torch.Tensor:
+        """[tokens, hidden] for all texts together, until `budget` tokens are read: the chat requests
+        first (a target's examples and its name, short and the most telling), then the prose."""
+        texts = self.encode((), chat) + self.encode(plain)
+        if budget is not None:
+            kept, total = [], 0
+            for ids in texts:
+                if total >= budget:
+                    break
+                kept.append(ids[: budget - total + 1])
+                total += len(kept[-1]) - 1
+            texts = kept
+        each = self.read_each(texts)
         return torch.cat(each) if each else torch.zeros(0, self._decoder.config.hidden_size)
 
     @torch.inference_mode()
-    def read_each(self, texts: Sequence[TokenIds], max_tokens: int = 512) -> list[torch.Tensor]:
-        """[tokens - 1, hidden] per text of more than one token (the first `max_tokens` of each)."""
+    def read_each(
+        self, texts: Sequence[TokenIds], max_tokens: int = 512, batch: int = 8
+    ) -> list[torch.Tensor]:
+        """[tokens - 1, hidden] per text of more than one token (the first `max_tokens` of each), in
+        the order given. Texts of similar length are read together, padded on the right: under
+        causal attention a token never sees the padding after it, so no mask is needed."""
+        kept = [(i, list(ids[:max_tokens])) for i, ids in enumerate(texts) if len(ids) > 1]
+        kept.sort(key=lambda item: len(item[1]))
         captured: list[torch.Tensor] = []
+        read: dict[int, torch.Tensor] = {}
 
         def keep(module: torch.nn.Module, args: object, output: object) -> None:
             hidden = output[0] if isinstance(output, tuple) else output
             assert isinstance(hidden, torch.Tensor)
-            captured.append(hidden[0, 1:].float())
+            captured.append(hidden.float())
 
         with self._lock:
             handle = self._decoder.layers[self._layer].register_forward_hook(keep)
             try:
-                for ids in texts:
-                    if len(ids) > 1:
-                        self._decoder(input_ids=torch.tensor([list(ids[:max_tokens])]))
+                for start in range(0, len(kept), batch):
+                    group = kept[start : start + batch]
+                    width = len(group[-1][1])
+                    padded = torch.tensor([ids + [ids[-1]] * (width - len(ids)) for _, ids in group])
+                    captured.clear()
+                    self._decoder(input_ids=padded)
+                    for row, (index, ids) in enumerate(group):
+                        read[index] = captured[0][row, 1 : len(ids)]
             finally:
                 handle.remove()
-        return captured
+        return [read[index] for index in sorted(read)]
 
 
 def firing(sae: SparseAutoencoder, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,7 @@ from lethe.gateway.runtime.sae_service import EitherDetector, SAEDetector, SAEFi
 from lethe.gateway.store import SQLiteStore
 from lethe.guards.features import SAEFeature, SelectionConfig, TargetFeatures
 from lethe.guards.targets import TargetSpec
+from lethe.models.sae.features import ResidualReader
 from tests.support.sae import random_sae
 
 
@@ -96,3 +97,14 @@ def test_service_chooses_features_that_fire_on_the_targets_text(tiny_model_dir: 
     assert share > 0
     store.delete_target(target.id)
     assert store.target_features() == []
+
+
+def test_reader_reads_batched_as_one_by_one_and_keeps_to_its_budget(tiny_model_dir: Path) -> None:
+    reader = ResidualReader(tiny_model_dir, layer=1)
+    texts = reader.encode(["a short one", "a somewhat longer text about the sea and ships", "x"], ["Hi?"])
+    one_by_one = reader.read_each(texts, batch=1)
+    batched = reader.read_each(texts, batch=8)
+    assert [len(t) for t in batched] == [len(ids) - 1 for ids in texts if len(ids) > 1]
+    for single, together in zip(one_by_one, batched, strict=True):
+        assert torch.allclose(single, together, atol=1e-4)
+    assert len(reader.read(["word " * 200], ["Hi?"], budget=50)) == 50
