@@ -8,12 +8,20 @@ fingerprint) and the target version it was chosen from, and is ignored once eith
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
 class SelectionConfig(BaseModel):
     """How a target's features are chosen (LETHE_SAE_FEATURES__MAX_FEATURES=...)."""
 
+    strategy: Literal["frequency", "random"] = Field(
+        default="frequency",
+        description="frequency: the features that fire on the target's text and not on general text; "
+        "random: as many features drawn at random from the whole SAE, a control for measuring what the "
+        "choice adds (never for serving).",
+    )
     max_features: int = Field(default=20, ge=1, description="Most features clamped per target.")
     min_forget_rate: float = Field(
         default=0.01, gt=0, le=1, description="Share of the target's tokens a feature must fire on."

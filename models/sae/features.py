@@ -131,6 +131,20 @@ def firing_share(sae: SparseAutoencoder, residual: torch.Tensor, indices: Sequen
     return float((sae.encode(residual)[:, list(indices)] > 0).any(dim=1).float().mean())
 
 
+def _random_control(
+    count: int, means: torch.Tensor, chosen: list[int], target_id: str
+) -> tuple[list[int], torch.Tensor]:
+    """`count` features drawn at random from the whole SAE (seeded by the target id), each clamped
+    at the mean activation of the features the frequency choice took where it has none of its own:
+    the control that shows what choosing the features adds."""
+    generator = torch.Generator().manual_seed(
+        int.from_bytes(target_id.encode()[-8:].ljust(8, b"\0"), "little")
+    )
+    drawn = [int(i) for i in torch.randperm(len(means), generator=generator)[:count]]
+    fallback = float(means[chosen].mean())
+    return drawn, torch.where(means > 0, means, torch.full_like(means, fallback))
+
+
 def select_features(
     sae: SparseAutoencoder,
     forget: torch.Tensor,
@@ -149,6 +163,8 @@ def select_features(
     eligible = (rates >= config.min_forget_rate) & (retain_rates <= config.max_retain_rate)
     order = torch.argsort(rates - retain_rates, descending=True)
     chosen = [int(i) for i in order if eligible[i]][: config.max_features]
+    if config.strategy == "random" and chosen:
+        chosen, means = _random_control(len(chosen), means, chosen, target_id)
     retain_share = max((firing_share(sae, text, chosen) for text in retain), default=0.0)
     return TargetFeatures(
         target_id=target_id,

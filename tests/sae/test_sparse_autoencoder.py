@@ -129,3 +129,16 @@ def test_selection_prefers_features_silent_on_retain_text() -> None:
     )
     assert [f.index for f in capped.features] == [1]
     assert capped.detect_share == pytest.approx(0.01)  # feature 1 fires on no general text: the floor
+
+
+def test_random_control_takes_as_many_features_at_random() -> None:
+    sae = random_sae(8, 64, layer=0)
+    forget = torch.randn(200, 8, generator=torch.Generator().manual_seed(3))
+    config = SelectionConfig(min_forget_rate=0.01, max_retain_rate=1.0, max_features=5)
+    chosen = select_features(sae, forget, [], "t", 1, config)
+    control = select_features(sae, forget, [], "t", 1, config.model_copy(update={"strategy": "random"}))
+    again = select_features(sae, forget, [], "t", 1, config.model_copy(update={"strategy": "random"}))
+    assert len(control.features) == len(chosen.features) == 5
+    assert [f.index for f in control.features] != [f.index for f in chosen.features]
+    assert control == again  # seeded by the target
+    assert all(f.mean_activation > 0 for f in control.features)
