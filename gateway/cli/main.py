@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from lethe.evaluation import cli as eval_command
+from lethe.gateway.cli import sae as sae_command
 from lethe.gateway.cli import serve as serve_command
 from lethe.gateway.cli import teach as teach_command
 from lethe.gateway.cli import unlearn as unlearn_command
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_command.register(commands)
     unlearn_command.register(commands)
     teach_command.register(commands)
+    sae_command.register(commands)
     return parser
 
 
