@@ -72,7 +72,7 @@ def test_register_read_change_delete(client: TestClient) -> None:
         True,
     )
     assert created["created_at"].endswith("Z") and created["created_at"] == created["updated_at"]
-    assert client.get(f"/admin/targets/{created['id']}").json() == created
+    assert client.get(f"/admin/targets/{created['id']}").json() == {**created, "sae_features": []}
 
     patched = client.patch(
         f"/admin/targets/{created['id']}", json={"description": "boy wizard", "name": None}
@@ -125,7 +125,7 @@ def test_invalid_targets_are_400_naming_the_field(client: TestClient, body: Any,
 def test_invalid_patches_are_400_naming_the_field(client: TestClient, body: Any, param: str) -> None:
     target = register(client)
     assert_error(client.patch(f"/admin/targets/{target['id']}", json=body), 400, param)
-    assert client.get(f"/admin/targets/{target['id']}").json() == target
+    assert client.get(f"/admin/targets/{target['id']}").json() == {**target, "sae_features": []}
 
 
 def test_malformed_json_is_400(client: TestClient) -> None:
@@ -323,7 +323,8 @@ def test_targets_and_the_generated_key_survive_a_restart(tiny_model_dir: Path, t
         )
         headers = {"Authorization": f"Bearer {key_file.read_text().strip()}"}
         try:
-            with httpx.Client(base_url=server.root_url, headers=headers, timeout=10) as http:
+            # The first registration builds the guard's vocabulary and embeddings: seconds on a busy CPU.
+            with httpx.Client(base_url=server.root_url, headers=headers, timeout=120) as http:
                 yield server, http
         finally:
             server.stop()

@@ -180,6 +180,7 @@ def test_migration_1_is_the_previous_release_schema(old: Path, tmp_path: Path) -
     SQLiteStore(fresh).close()
     created = schema(fresh)
     assert created.pop("schema_version").startswith("CREATE TABLE schema_version")
+    assert created.pop("target_features").startswith("CREATE TABLE target_features")  # migration 2
     assert created == schema(old)
     # the rows the schema seeds, too
     assert rows(fresh, ("revision", "serving")) == {
