@@ -8,7 +8,8 @@ the selected features i that fire: the SAE's imperfect reconstruction of everyth
 reaches the model. A feature that does not fire on a token is left alone (clamping it too would push
 every token away from the concept, the over-correction Farrell et al. report for dense steering).
 Rows with nothing to clamp are not touched, and a batch with nothing to clamp is returned as None,
-so requests that fired nothing decode exactly as without an SAE.
+so requests that fired nothing decode exactly as without an SAE. Attention-sink tokens (norm above
+the SAE's `outlier_norm`, which training left out) are never touched either.
 
 The hook holds the encoder columns and decoder rows of every feature (a plan may name any of them)
 and pickles with them to vLLM's worker process once, when it is installed.
@@ -45,7 +46,8 @@ class FeatureClamp:
         indices = torch.tensor([feature for feature, _ in clamp], dtype=torch.long)
         values = torch.tensor([value for _, value in clamp], dtype=torch.float32)
         activations = self._activations(stream, indices)
-        delta = torch.where(activations > 0, values - activations, torch.zeros_like(activations))
+        fires = (activations > 0) & self.sae.inliers(stream).unsqueeze(-1)
+        delta = torch.where(fires, values - activations, torch.zeros_like(activations))
         return (stream.float() + delta @ self.sae.W_dec[indices]).to(stream.dtype)
 
     def _activations(self, stream: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -115,7 +115,9 @@ class ResidualReader:
 
 
 def firing(sae: SparseAutoencoder, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per feature: the share of tokens on which it fires, and its mean activation where it fires."""
+    """Per feature: the share of tokens on which it fires, and its mean activation where it fires
+    (outlier tokens left out, as the clamp leaves them alone)."""
+    residual = residual[sae.inliers(residual)]
     activations = sae.encode(residual)
     fires = activations > 0
     counts = fires.sum(dim=0)
@@ -126,6 +128,7 @@ def firing(sae: SparseAutoencoder, residual: torch.Tensor) -> tuple[torch.Tensor
 
 def firing_share(sae: SparseAutoencoder, residual: torch.Tensor, indices: Sequence[int]) -> float:
     """The share of a text's tokens on which any of the features `indices` fires."""
+    residual = residual[sae.inliers(residual)]
     if not len(residual) or not indices:
         return 0.0
     return float((sae.encode(residual)[:, list(indices)] > 0).any(dim=1).float().mean())

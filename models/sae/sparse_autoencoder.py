@@ -38,6 +38,11 @@ class SAEMetadata(BaseModel):
 
     model_name: str | None = None
     hook_name: str | None = None
+    outlier_norm: float | None = Field(
+        default=None,
+        description="Residual vectors longer than this (attention sinks) were left out of training "
+        "(`lethe sae train` records it): the SAE says nothing meaningful about them.",
+    )
 
 
 class _SAEConfigBase(BaseModel):
@@ -130,6 +135,13 @@ class SparseAutoencoder:
     @property
     def layer(self) -> int:
         return self.config.layer
+
+    def inliers(self, residual: torch.Tensor) -> torch.Tensor:
+        """Boolean [...]: the vectors the SAE was trained on the like of (not outliers by norm)."""
+        bound = self.config.metadata.outlier_norm
+        if bound is None:
+            return torch.ones(residual.shape[:-1], dtype=torch.bool)
+        return residual.float().norm(dim=-1) <= bound
 
     def pre_activations(self, residual: torch.Tensor) -> torch.Tensor:
         shift = self.b_dec if self.config.apply_b_dec_to_input else 0.0

@@ -12,7 +12,7 @@ from lethe.guards.features import SelectionConfig
 from lethe.guards.plan import GuardPlan
 from lethe.models.engine import GenerationRequest, SamplingParams
 from lethe.models.sae.clamp import FeatureClamp
-from lethe.models.sae.features import firing_share, select_features
+from lethe.models.sae.features import firing, firing_share, select_features
 from lethe.models.sae.sparse_autoencoder import CONFIG_FILE, SparseAutoencoder, TopKConfig
 from tests.support.sae import random_sae
 
@@ -142,3 +142,16 @@ def test_random_control_takes_as_many_features_at_random() -> None:
     assert [f.index for f in control.features] != [f.index for f in chosen.features]
     assert control == again  # seeded by the target
     assert all(f.mean_activation > 0 for f in control.features)
+
+
+def test_clamp_leaves_attention_sinks_alone() -> None:
+    sae = random_sae(16, 64, layer=0)
+    sae.config.metadata.outlier_norm = 50.0
+    stream = torch.randn(4, 16, generator=torch.Generator().manual_seed(2))
+    stream[0] *= 100  # an attention sink: far longer than anything the SAE was trained on
+    clamp = tuple((i, -5.0) for i in range(64))
+    out = FeatureClamp(sae).apply(stream, clamp)
+    assert torch.equal(out[0], stream[0])
+    assert not torch.equal(out[1:], stream[1:])
+    rates, _ = firing(sae, stream)
+    assert rates.max() <= 1.0 and firing_share(sae, stream[:1], list(range(64))) == 0.0
