@@ -246,6 +246,7 @@ class ProcessEngine(TokenizerMethods):
         self.vocab_size = 0
         self._process: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
+        self._send_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[int, _Stream] = {}
         self._ids = itertools.count()
@@ -344,13 +345,27 @@ class ProcessEngine(TokenizerMethods):
 
     # ----------------------------------------------------------------- the channel
     def _send(self, message: tuple[Any, ...]) -> None:
-        if self._conn is None or self._dead:
-            raise EngineUnavailable("the engine process is not running")
         try:
-            self._conn.send_bytes(pickle.dumps(message, _PICKLE))
+            self._write(pickle.dumps(message, _PICKLE))
         except OSError as error:
             self._died()
             raise EngineUnavailable(f"the engine process is gone: {error}") from error
+
+    def _write(self, data: bytes) -> None:
+        """Write one whole message (any thread). The pipe's end may be non-blocking (uvloop, which
+        `lethe serve` runs, makes every fd it watches so), and a large message (a hook carrying an
+        SAE's weights) would then fail halfway with EAGAIN and corrupt the channel: each message is
+        written with the fd blocking, under a lock."""
+        conn = self._conn
+        if conn is None or self._dead:
+            raise EngineUnavailable("the engine process is not running")
+        with self._send_lock:
+            blocking = os.get_blocking(conn.fileno())
+            os.set_blocking(conn.fileno(), True)
+            try:
+                conn.send_bytes(data)
+            finally:
+                os.set_blocking(conn.fileno(), blocking)
 
     def _readable(self) -> None:
         conn = self._conn
@@ -463,7 +478,13 @@ class ProcessEngine(TokenizerMethods):
         future: asyncio.Future[None] = self._loop.create_future()
         self._hooks[key] = future
         try:
-            self._send(message)
+            # A hook may weigh megabytes: written from a thread, so that this loop keeps reading the
+            # engine's outputs meanwhile (the engine cannot stall on a full pipe to us).
+            await asyncio.to_thread(self._write, pickle.dumps(message, _PICKLE))
+        except OSError as error:
+            self._hooks.pop(key, None)
+            self._died()
+            raise EngineUnavailable(f"the engine process is gone: {error}") from error
         except EngineError:
             self._hooks.pop(key, None)
             raise

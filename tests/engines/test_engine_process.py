@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from lethe.guards.plan import GuardPlan
 from lethe.models.engine import (
     EngineError,
     EngineUnavailable,
@@ -20,6 +21,8 @@ from lethe.models.engine import (
     TokenLogprob,
 )
 from lethe.models.engines.engine_process import ProcessEngine, decode_output, encode_output
+from lethe.models.sae.clamp import FeatureClamp
+from tests.support.sae import random_sae
 
 
 def test_outputs_cross_the_channel_unchanged() -> None:
@@ -79,3 +82,26 @@ def test_killed_child_fails_requests_in_flight_and_refuses_new_ones(tiny_model_d
             await engine.shutdown()
 
     asyncio.run(run())
+
+
+def test_a_hook_of_many_megabytes_crosses_a_non_blocking_channel(tiny_model_dir: Path) -> None:
+    """Under uvloop (what `lethe serve` runs) the pipe's end is non-blocking; a hook carrying an SAE
+    of tens of megabytes must still arrive whole, and the engine keep answering afterwards."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def run() -> list[int]:
+        engine = ProcessEngine(tiny_model_dir, max_batch_size=4, torch_threads=1)
+        await engine.start()
+        try:
+            sae = random_sae(64, 60_000, layer=1)  # ~31 MB of weights
+            handle = await engine.add_layer_hook(1, FeatureClamp(sae))
+            prompt = tuple(engine.encode_text("Once upon a time"))
+            params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+            request = GenerationRequest("big", prompt, params, GuardPlan(sae_clamp=((0, -3.0),)))
+            tokens = [t async for output in engine.generate(request) for t in output.token_ids]
+            await handle.remove()
+            return tokens
+        finally:
+            await engine.shutdown()
+
+    assert len(uvloop.run(run())) == 4
