@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,18 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from lethe.evaluation import datasets, suites
+from bench.sae_rwku import add_flags, rwku_setup
+from lethe.evaluation import suites
 from lethe.evaluation.client import Completion
 from lethe.evaluation.scoring import score_answer, summarise
-from lethe.gateway.runtime.sae_service import SAEService
-from lethe.gateway.store import SQLiteStore
 from lethe.guards.config import DetectionConfig, GuardConfig
 from lethe.guards.detection import TargetDetector
 from lethe.guards.embedding import default_embedder
-from lethe.guards.features import SelectionConfig
 from lethe.guards.plan import GuardPlan
-from lethe.guards.targets import TargetSpec
-from lethe.models.embedded import embedded_checkpoint
 from lethe.models.engine import GenerationRequest, SamplingParams
 from lethe.models.engines.hf_engine import TransformersEngine
 from lethe.models.sae.clamp import FeatureClamp
@@ -85,19 +80,15 @@ async def answer_all(engine: TransformersEngine, probes: list, plans: list[Guard
 
 
 async def main(args: argparse.Namespace) -> None:
-    data_dir = datasets.resolve_data_dir(args.eval_data)
-    model = embedded_checkpoint(Path(args.home).expanduser())
-    rwku = datasets.rwku_targets(data_dir)
-    with tempfile.TemporaryDirectory() as scratch:
-        store = SQLiteStore(Path(scratch) / "lethe.db")
-        service = SAEService(Path(args.sae), store, model, SelectionConfig())
-        for target in rwku:
-            store.create_target(
-                TargetSpec(name=target.name, description=target.intro, documents=target.passages)
-            )
-        service.choose_missing()
-        features = service.features()
-        targets = store.snapshot().targets
+    setup = rwku_setup(args)
+    data_dir, model, rwku, service, targets, features = (
+        setup.data_dir,
+        setup.model,
+        setup.rwku,
+        setup.service,
+        setup.targets,
+        setup.features,
+    )
     reader, retain = service.prepared()
     general = torch.cat(retain).mean(dim=0)
     directions = {}
@@ -166,10 +157,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sae", required=True, help="the SAE folder (trained on the embedded model)")
-    parser.add_argument(
-        "--eval-data", default=None, help="evaluation data (default: $LETHE_EVAL_DATA or ../shared/eval)"
-    )
-    parser.add_argument("--home", default="~/.lethe", help="LETHE_HOME holding the converted embedded model")
-    parser.add_argument("--sample", type=int, default=10, help="the first N probes of each set")
+    add_flags(parser, sample=10)
     asyncio.run(main(parser.parse_args()))

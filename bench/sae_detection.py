@@ -15,42 +15,30 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.sae_rwku import add_flags, rwku_setup
 from lethe.evaluation import datasets, prompts, suites
-from lethe.gateway.runtime.sae_service import SAEDetector, SAEService
-from lethe.gateway.store import SQLiteStore
+from lethe.gateway.runtime.sae_service import SAEDetector
 from lethe.guards.config import DetectionConfig
 from lethe.guards.detection import TargetDetector
 from lethe.guards.embedding import default_embedder
-from lethe.guards.features import SelectionConfig
-from lethe.guards.targets import TargetSpec
-from lethe.models.embedded import embedded_checkpoint
 
 
 def main(args: argparse.Namespace) -> dict[str, object]:
-    data_dir = datasets.resolve_data_dir(args.eval_data)
-    model = embedded_checkpoint(Path(args.home).expanduser())
-    rwku = datasets.rwku_targets(data_dir)
-    with tempfile.TemporaryDirectory() as scratch:
-        store = SQLiteStore(Path(scratch) / "lethe.db")
-        service = SAEService(Path(args.sae), store, model, SelectionConfig())
-        by_folder = {}
-        for target in rwku:
-            registered = store.create_target(
-                TargetSpec(name=target.name, description=target.intro, documents=target.passages)
-            )
-            by_folder[target.folder] = registered.id
-        started = time.perf_counter()
-        service.choose_missing()
-        choose_seconds = time.perf_counter() - started
-        features = service.features()
-        targets = store.snapshot().targets
+    setup = rwku_setup(args)
+    data_dir, rwku, service, targets, features = (
+        setup.data_dir,
+        setup.rwku,
+        setup.service,
+        setup.targets,
+        setup.features,
+    )
+    by_folder, choose_seconds = setup.by_folder, setup.choose_seconds
     prompt_detector = TargetDetector.build(targets, default_embedder(), DetectionConfig())
     sae_detector = SAEDetector(service, {k: v for k, v in features.items() if v.features})
 
@@ -134,12 +122,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sae", required=True, help="the SAE folder (trained on the embedded model)")
-    parser.add_argument(
-        "--eval-data", default=None, help="evaluation data (default: $LETHE_EVAL_DATA or ../shared/eval)"
-    )
-    parser.add_argument("--home", default="~/.lethe", help="LETHE_HOME holding the converted embedded model")
-    parser.add_argument("--sample", type=int, default=None, help="only the first N probes of each set")
+    add_flags(parser, sample=None)
     parser.add_argument(
         "--instructions", type=int, default=200, help="general instructions for false positives"
     )
