@@ -26,7 +26,7 @@ from lethe.guards.index import Detector, Fired
 from lethe.guards.targets import Target
 from lethe.models.engine import Engine, HookHandle
 from lethe.models.sae.clamp import FeatureClamp
-from lethe.models.sae.features import ResidualReader, forget_texts, select_features
+from lethe.models.sae.features import ResidualReader, firing_shares, forget_texts, select_features
 from lethe.models.sae.retain_text import CHAT_REQUESTS, PROSE
 from lethe.models.sae.sparse_autoencoder import SparseAutoencoder
 
@@ -168,13 +168,8 @@ class SAEService:
         """Per target, the share of the text's tokens on which one of its features fires."""
         reader, _ = self.prepared()
         [residual] = reader.read_each([ids]) or [torch.zeros(0, self.sae.config.d_in)]
-        fires = self.sae.encode(residual[self.sae.inliers(residual)]) > 0  # once for every target
-        if not len(fires):
-            return dict.fromkeys(features, 0.0)
-        return {
-            target_id: float(fires[:, [f.index for f in chosen.features]].any(dim=1).float().mean())
-            for target_id, chosen in features.items()
-        }
+        sets = {target_id: [f.index for f in chosen.features] for target_id, chosen in features.items()}
+        return firing_shares(self.sae, residual, sets)
 
 
 @dataclass(frozen=True)

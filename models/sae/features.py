@@ -14,7 +14,7 @@ the engine may be vLLM in another process, and the layers after the SAE's are no
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -126,12 +126,24 @@ def firing(sae: SparseAutoencoder, residual: torch.Tensor) -> tuple[torch.Tensor
     return rates, means
 
 
+def firing_shares(
+    sae: SparseAutoencoder, residual: torch.Tensor, feature_sets: Mapping[str, Sequence[int]]
+) -> dict[str, float]:
+    """For each named set of features, the share of a text's tokens on which any of them fires
+    (outlier tokens left out); the text is encoded once for all the sets."""
+    residual = residual[sae.inliers(residual)]
+    if not len(residual):
+        return dict.fromkeys(feature_sets, 0.0)
+    fires = sae.encode(residual) > 0
+    return {
+        name: float(fires[:, list(indices)].any(dim=1).float().mean()) if indices else 0.0
+        for name, indices in feature_sets.items()
+    }
+
+
 def firing_share(sae: SparseAutoencoder, residual: torch.Tensor, indices: Sequence[int]) -> float:
     """The share of a text's tokens on which any of the features `indices` fires."""
-    residual = residual[sae.inliers(residual)]
-    if not len(residual) or not indices:
-        return 0.0
-    return float((sae.encode(residual)[:, list(indices)] > 0).any(dim=1).float().mean())
+    return firing_shares(sae, residual, {"": indices})[""]
 
 
 def _random_control(
